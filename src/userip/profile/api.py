@@ -1,0 +1,152 @@
+"""Public entry points of the profile stage: fit, read IDs. Used by the CLI and by `userip run`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from userip.errors import UseripError
+from userip.io import atomic_path, read_yaml, write_json, write_yaml
+from userip.profile.config import ProfileConfig
+from userip.profile.em import Corpus, ProfileFitter
+from userip.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("profiles.safetensors", "codebooks.safetensors", "profile_ids.parquet", "config.yaml",
+                "metrics.json")
+
+
+def load_config(path: str | Path | None, **overrides: Any) -> ProfileConfig:
+    """Profile config from a YAML file (its `profile:` section, or the whole file) plus CLI overrides."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(path) or {}
+        if not isinstance(raw, dict):
+            raise UseripError(f"{path}: expected a YAML mapping")
+        d = dict(raw.get("profile", raw if "profile" not in raw and "data" not in raw else {}))
+    return ProfileConfig.from_dict(d).replace(**overrides)
+
+
+def build_corpus(data, tokenizer, cfg: ProfileConfig) -> Corpus:
+    """Tokenised train windows and held-out (validation-period) windows from a prepared dataset."""
+    from userip.data import behaviour_windows
+
+    kw = dict(max_items=cfg.max_items, tokenizer=tokenizer, max_tokens=cfg.max_tokens, mode=cfg.behaviour)
+    train = behaviour_windows(data, "train", **kw)
+    heldout = behaviour_windows(data, "val", **kw)
+    if cfg.max_users:
+        users = sorted(train)
+        if len(users) > cfg.max_users:
+            g = torch.Generator().manual_seed(cfg.seed)
+            pick = torch.randperm(len(users), generator=g)[: cfg.max_users].tolist()
+            keep = {users[i] for i in pick}
+            train = {u: w for u, w in train.items() if u in keep}
+            heldout = {u: w for u, w in heldout.items() if u in keep}
+    inter = data.interactions
+    counts = inter[inter["split"] == "train"].groupby("user_idx").size()
+    activity = np.zeros(data.n_users + 1, dtype=np.int64)
+    activity[counts.index.to_numpy()] = counts.to_numpy()
+    return Corpus.from_text(tokenizer, train, heldout, data.n_users, activity, cfg.max_tokens)
+
+
+def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2-135m",
+                 config: str | Path | ProfileConfig | None = None, llm=None, progress: bool = True,
+                 **overrides: Any) -> dict[str, Any]:
+    """Fit profiles on a prepared dataset's train split and write the PROFILES directory.
+
+    Rerunning after a kill resumes from ``out/checkpoints`` (same config) and ends with the same IDs.
+    Returns the metrics dict also written to ``metrics.json``.
+    """
+    from userip.data import load_prepared
+    from userip.llm import load_llm
+
+    cfg = config if isinstance(config, ProfileConfig) else load_config(config)
+    cfg = cfg.replace(**overrides)
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = load_prepared(data_dir)
+    llm = llm or load_llm(model, dtype=cfg.dtype, device=cfg.device)
+    corpus = build_corpus(data, llm.tokenizer, cfg)
+    fitter = ProfileFitter(llm, cfg, corpus, out)
+    state = fitter.fit(progress=progress)
+    metrics = {
+        "epochs": state.metrics,
+        "best_epoch": state.best_epoch,
+        "final": state.metrics[state.best_epoch - 1] if state.best_epoch else (state.metrics or [{}])[-1],
+        "n_users": len(fitter.users),
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    write_outputs(out, fitter, data, cfg, llm.name, metrics)
+    return metrics
+
+
+def write_outputs(out: Path, fitter: ProfileFitter, data, cfg: ProfileConfig, model_name: str,
+                  metrics: dict[str, Any]) -> None:
+    """Write the PROFILES contract files (each atomically). Never the LLM weights."""
+    from userip.quantize import save_codebooks
+
+    st = fitter.state
+    theta, personal = fitter.theta_table()
+    tensors = {"theta": theta, "personal": personal, "shared": fitter.profiles.shared.contiguous()}
+    if st.mu is not None:
+        tensors.update({"code_center": st.mu.contiguous(), "code_scale": st.scale.contiguous()})
+    with atomic_path(out / "profiles.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"model": model_name, "table": cfg.table})
+    save_codebooks(out / "codebooks.safetensors", {k: v.detach() for k, v in st.codebooks.items()},
+                   metadata={"model": model_name})
+    z = fitter.assignments()
+    users = fitter.users.numpy()
+    ids = pd.DataFrame({"user_id": data.user_ids(users), "user_idx": users.astype(np.int64)})
+    for k, p in enumerate(cfg.profiles):
+        ids[p.name] = z[fitter.users, k].numpy().astype(np.int64)
+    with atomic_path(out / "profile_ids.parquet") as tmp:
+        ids.to_parquet(tmp, index=False)
+    conf = {
+        "model": model_name,
+        "template": cfg.template,
+        "profiles": [{"name": p.name, "n_tokens": p.n_tokens, "codebook_size": p.codebook_size}
+                     for p in cfg.profiles],
+        "data_fingerprint": data.fingerprint,
+        "data_dir": str(getattr(data, "root", "")),
+        "hidden_size": fitter.profiles.hidden,
+        "profile": cfg.to_dict(),
+    }
+    write_yaml(out / "config.yaml", conf)
+    write_json(out / "metrics.json", metrics)
+
+
+def read_ids(profiles_dir: str | Path) -> pd.DataFrame:
+    p = Path(profiles_dir) / "profile_ids.parquet"
+    if not p.exists():
+        raise UseripError(f"{p}: not found; run `userip profile fit` first")
+    return pd.read_parquet(p)
+
+
+def id_counts(profiles_dir: str | Path) -> dict[str, dict[int, int]]:
+    """Users per code, per profile (what `userip profile ids` prints)."""
+    ids = read_ids(profiles_dir)
+    conf = read_yaml(Path(profiles_dir) / "config.yaml")
+    out = {}
+    for p in conf["profiles"]:
+        vc = ids[p["name"]].value_counts()
+        out[p["name"]] = {k: int(vc.get(k, 0)) for k in range(1, int(p["codebook_size"]) + 1)}
+    return out
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

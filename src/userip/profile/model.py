@@ -1,0 +1,166 @@
+"""Soft user profiles and the frozen-LM likelihood of a behaviour window given them.
+
+A user's soft tokens are ``shared[k] + delta[u, k]`` (residual table, default) or ``table[u, k]`` (plain, as
+in the reference code). Why residual: in a calibration run ~95% of the held-out NLL drop of a plain table was a
+drift every user shared, relearned once per user; the shared prompt learns it once from everyone, and the
+residual (with a prior) only holds what is personal.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from userip.llm import LLM
+from userip.profile.config import ProfileConfig
+from userip.profile.template import Batch, PromptLayout, attention_mask, build_layout
+
+
+class SoftProfiles:
+    """The trainable state: shared prompt [m, n, H] and per-user table [U+1, m, n, H] (fp32 masters)."""
+
+    def __init__(self, cfg: ProfileConfig, n_users: int, hidden: int, text_init: torch.Tensor | None,
+                 generator: torch.Generator) -> None:
+        m = len(cfg.profiles)
+        n = max(p.n_tokens for p in cfg.profiles)
+        self.cfg, self.m, self.n, self.hidden = cfg, m, n, hidden
+        if cfg.init == "text" and text_init is not None:
+            base = text_init.float().clone()
+        else:
+            base = (torch.rand(m, n, hidden, generator=generator) * 0.2 - 0.1)
+        if cfg.table == "residual":
+            self.shared = base.clone()
+            self.table = torch.randn(n_users + 1, m, n, hidden, generator=generator) * cfg.delta_init_std
+        else:
+            self.shared = torch.zeros(m, n, hidden)  # unused, kept so theta() has one formula
+            if cfg.init == "uniform":
+                self.table = torch.rand(n_users + 1, m, n, hidden, generator=generator) * 0.2 - 0.1
+            else:
+                self.table = base[None].repeat(n_users + 1, 1, 1, 1)
+                self.table += torch.randn(self.table.shape, generator=generator) * cfg.delta_init_std
+        self.table[0] = 0.0
+
+    @property
+    def residual(self) -> bool:
+        return self.cfg.table == "residual"
+
+    def theta(self, rows: torch.Tensor, table_rows: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.table[rows] if table_rows is None else table_rows
+        return self.shared + t if self.residual else t
+
+    def population(self, users: torch.Tensor) -> torch.Tensor:
+        """Centre of the personal part over ``users`` ([m, n, H])."""
+        return self.table[users].mean(0)
+
+    def personal(self, users: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+        """User-specific part: the residual (residual table) or theta minus the users' mean (plain table)."""
+        t = self.table[users]
+        if self.residual:
+            return t
+        return t - (self.population(users) if centre is None else centre)
+
+    def base(self, users: torch.Tensor) -> torch.Tensor:
+        """The population prompt theta = base + personal is built on: shared, or the plain table's mean."""
+        return self.shared if self.residual else self.population(users)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"shared": self.shared.clone(), "table": self.table.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.shared.copy_(state["shared"])
+        self.table.copy_(state["table"])
+
+
+def text_init_embeddings(llm: LLM, cfg: ProfileConfig) -> torch.Tensor:
+    """PEFT TEXT init: the frozen embeddings of each profile's name text, cycled to fill its soft tokens."""
+    emb = llm.input_embeddings().weight
+    n = max(p.n_tokens for p in cfg.profiles)
+    out = torch.zeros(len(cfg.profiles), n, emb.shape[1])
+    for k, p in enumerate(cfg.profiles):
+        ids = llm.tokenizer(" " + (p.init_text or p.name), add_special_tokens=False)["input_ids"]
+        vecs = emb[torch.tensor(ids)].float()
+        for j in range(n):
+            out[k, j] = vecs[j % len(vecs)]
+    return out
+
+
+class Scorer:
+    """Computes per-row behaviour NLL under given soft tokens with a frozen LM.
+
+    Only behaviour tokens are scored, the LM head runs only at their positions, in chunks that are
+    recomputed in backward, so logits memory stays at ``ce_chunk x vocab``.
+    """
+
+    def __init__(self, llm: LLM, cfg: ProfileConfig) -> None:
+        self.llm, self.cfg = llm, cfg
+        self.layout: PromptLayout = build_layout(
+            llm.tokenizer, cfg.template, cfg.names, [p.n_tokens for p in cfg.profiles]
+        )
+        self.device = llm.device
+        self.dtype = llm.dtype
+        embed = llm.input_embeddings()
+        with torch.no_grad():  # the frozen template pieces are embedded once
+            self.prefix_emb = embed(self.layout.prefix_ids.to(self.device)).to(self.dtype)
+        self.lm_head = llm.model.get_output_embeddings()
+        self.softcap = getattr(llm.model.config, "final_logit_softcapping", None)
+        self.backbone = llm.model.model
+        if cfg.checkpointing:
+            llm.model.gradient_checkpointing_enable({"use_reentrant": False})
+            llm.model.train()  # HF only checkpoints in training mode; dropout is 0 in these LMs
+
+    def embed_rows(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+        B = batch.size
+        embed = self.llm.input_embeddings()
+        with torch.no_grad():
+            beh = embed(batch.behaviour.to(self.device)).to(self.dtype)
+        pieces = []
+        prefix = self.prefix_emb[None].expand(B, -1, -1)
+        cursor = 0
+        for k, pos in sorted(enumerate(self.layout.soft_positions), key=lambda kv: int(kv[1][0])):
+            start = int(pos[0])
+            pieces.append(prefix[:, cursor:start])
+            n_k = self.cfg.profiles[k].n_tokens
+            pieces.append(theta[:, k, :n_k].to(device=self.device, dtype=self.dtype))
+            cursor = start + n_k
+        pieces.append(prefix[:, cursor:])
+        pieces.append(beh)
+        return torch.cat(pieces, dim=1)
+
+    def hidden_states(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Final hidden states [B, L, H] of the frozen LM over prompt + behaviour."""
+        x = self.embed_rows(theta, batch)
+        B, L, _ = x.shape
+        mask = attention_mask(self.layout, batch.lengths, self.cfg.mask, self.dtype, self.device)
+        position_ids = torch.arange(L, device=self.device)[None].expand(B, -1)
+        return self.backbone(inputs_embeds=x, attention_mask=mask, position_ids=position_ids).last_hidden_state
+
+    def row_nll(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (sum of NLL per row [B] fp32, token count per row [B])."""
+        P = self.layout.prefix_len
+        B = batch.size
+        hidden = self.hidden_states(theta, batch)
+        # hidden at position t predicts token t+1: behaviour token j sits at P+j, predicted from P+j-1
+        T = batch.behaviour.shape[1]
+        valid = torch.arange(T)[None, :] < batch.lengths[:, None]  # [B, T]
+        rows, cols = valid.nonzero(as_tuple=True)
+        h = hidden[rows.to(self.device), (P - 1 + cols).to(self.device)]
+        targets = batch.behaviour[rows, cols].to(self.device)
+        nll = self._chunked_ce(h, targets)
+        sums = torch.zeros(B, device=self.device).index_add_(0, rows.to(self.device), nll)
+        return sums, batch.lengths.to(self.device).float()
+
+    def _chunked_ce(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        out = []
+        for s in range(0, h.shape[0], self.cfg.ce_chunk):
+            hc, tc = h[s : s + self.cfg.ce_chunk], targets[s : s + self.cfg.ce_chunk]
+            if torch.is_grad_enabled() and hc.requires_grad:
+                out.append(checkpoint(self._ce, hc, tc, use_reentrant=False))
+            else:
+                out.append(self._ce(hc, tc))
+        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+    def _ce(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none")

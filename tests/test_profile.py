@@ -1,0 +1,193 @@
+import numpy as np
+import pytest
+import torch
+
+from userip.errors import UseripError
+from userip.llm import tiny_llm
+from userip.profile import Corpus, ProfileConfig, ProfileFitter, RowAdam
+from userip.profile.model import Scorer
+from userip.profile.template import make_batch
+
+A = ["Toy Story (1995)", "Jumanji (1995)", "children comedy", "love music"]
+B = ["Heat (1995)", "Casino (1995)", "crime thriller", "war western"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return tiny_llm(seed=0)
+
+
+def planted_corpus(tok, n_users=24, max_tokens=64, seed=0):
+    """Two user groups with disjoint item vocabularies: a profile that explains them exists."""
+    rng = np.random.default_rng(seed)
+    train, held = {}, {}
+    for u in range(1, n_users + 1):
+        vocab = A if u % 2 else B
+        train[u] = ["; ".join(rng.choice(vocab, 6)) for _ in range(3)]
+        held[u] = ["; ".join(rng.choice(vocab, 6))]
+    act = np.zeros(n_users + 1, dtype=np.int64)
+    act[1:] = rng.integers(5, 50, n_users)
+    return Corpus.from_text(tok, train, held, n_users, act, max_tokens)
+
+
+def small_cfg(**kw):
+    base = dict(profiles=[{"name": "hobby", "codebook_size": 2}, {"name": "background", "codebook_size": 2}],
+                batch_users=8, epochs=3, inner_steps=3, max_tokens=64, prior_lambda=0.01, prior_beta=0.01,
+                patience=10)
+    base.update(kw)
+    return ProfileConfig(**base)
+
+
+@pytest.mark.parametrize("mask", ["profile", "causal"])
+def test_row_loss_is_the_same_alone_and_in_a_padded_batch(llm, mask):
+    scorer = Scorer(llm, small_cfg(mask=mask))
+    tok = llm.tokenizer
+    short = tok(" Toy Story (1995)", add_special_tokens=False)["input_ids"]
+    long = tok(" Heat (1995); Casino (1995); Jumanji (1995); crime thriller", add_special_tokens=False)["input_ids"]
+    theta = torch.randn(2, 2, 1, 32)
+    with torch.no_grad():
+        alone, _ = scorer.row_nll(theta[:1], make_batch([short]))
+        both, counts = scorer.row_nll(theta, make_batch([short, long]))
+    assert counts.tolist() == [len(short), len(long)]
+    assert torch.allclose(alone[0], both[0], atol=1e-5)
+
+
+def _soft_hidden(scorer, theta, batch, k):
+    pos = int(scorer.layout.soft_positions[k][0])
+    with torch.no_grad():
+        return scorer.hidden_states(theta, batch)[:, pos]
+
+
+def test_profile_mask_isolates_profiles_and_causal_does_not(llm):
+    tok = llm.tokenizer
+    batch = make_batch([tok(" Heat (1995)", add_special_tokens=False)["input_ids"]])
+    theta = torch.randn(1, 2, 1, 32)
+    changed = theta.clone()
+    changed[:, 0] += 1.0  # another hobby soft token
+    # hobby name texts with the same token count, so positions (RoPE) stay equal
+    t1 = "The user's hobby is {hobby}. The user's background is {background}. The user watched: {behaviour}"
+    t2 = "The user's music is {hobby}. The user's background is {background}. The user watched: {behaviour}"
+    assert len(tok(t1.split("{hobby}")[0])["input_ids"]) == len(tok(t2.split("{hobby}")[0])["input_ids"])
+    for mask, isolated in (("profile", True), ("causal", False)):
+        s1 = Scorer(llm, small_cfg(mask=mask, template=t1))
+        s2 = Scorer(llm, small_cfg(mask=mask, template=t2))
+        h_bg = _soft_hidden(s1, theta, batch, 1)
+        assert torch.equal(h_bg, _soft_hidden(s2, theta, batch, 1)) == isolated  # hobby name text changed
+        assert torch.equal(h_bg, _soft_hidden(s1, changed, batch, 1)) == isolated  # hobby soft token changed
+        # the behaviour always sees every profile
+        pos = s1.layout.prefix_len
+        with torch.no_grad():
+            a = s1.hidden_states(theta, batch)[:, pos]
+            b = s1.hidden_states(changed, batch)[:, pos]
+        assert not torch.equal(a, b)
+
+
+def test_frozen_llm_gets_no_gradient_and_soft_tokens_do(llm):
+    corpus = planted_corpus(llm.tokenizer, n_users=8)
+    f = ProfileFitter(llm, small_cfg(), corpus)
+    before = f.profiles.table.clone()
+    users = torch.tensor([1, 2, 3])
+    f.train_step(users, [corpus.train[u][0] for u in users.tolist()], update_shared=True)
+    assert all(p.grad is None and not p.requires_grad for p in llm.model.parameters())
+    moved = (f.profiles.table != before).flatten(1).any(1)
+    assert moved[users].all()
+    assert not moved[[0, 4, 5, 6, 7, 8]].any(), "rows outside the batch must be bit-identical"
+
+
+def test_row_adam_touches_only_batch_rows_and_first_update_matches_adam():
+    torch.manual_seed(0)
+    table = torch.randn(6, 3)
+    opt = RowAdam(table, lr=0.05)
+    for _ in range(20):  # rows 1 and 2 take many steps first
+        opt.step(torch.tensor([1, 2]), torch.randn(2, 3))
+    untouched = table[[0, 3, 4, 5]].clone()
+    g = torch.randn(1, 3)
+    row = table[4].clone().requires_grad_(True)
+    ref = torch.optim.Adam([row], lr=0.05)
+    row.grad = g[0].clone()
+    ref.step()
+    opt.step(torch.tensor([4]), g)
+    assert torch.allclose(table[4], row.detach(), atol=1e-7), "a row's first update must equal plain Adam's"
+    assert torch.equal(table[[0, 3, 5]], untouched[[0, 1, 3]])
+    assert opt.steps.tolist() == [0, 20, 20, 0, 1, 0]
+
+
+def test_micro_batching_gives_the_same_update(llm):
+    corpus = planted_corpus(llm.tokenizer, n_users=8)
+    users = torch.tensor([1, 2, 3, 4])
+    rows = [corpus.train[u][0] for u in users.tolist()]
+    tables = []
+    for mb in (0, 2):
+        f = ProfileFitter(llm, small_cfg(micro_batch=mb), corpus)
+        f.train_step(users, rows, update_shared=True)
+        tables.append((f.profiles.table.clone(), f.profiles.shared.clone()))
+    assert torch.allclose(tables[0][0], tables[1][0], atol=1e-6)
+    assert torch.allclose(tables[0][1], tables[1][1], atol=1e-6)
+
+
+def test_em_lowers_nll_and_recovers_planted_groups(llm):
+    from sklearn.metrics import adjusted_rand_score
+
+    corpus = planted_corpus(llm.tokenizer, n_users=32)
+    f = ProfileFitter(llm, small_cfg(epochs=4), corpus)
+    st = f.fit(progress=False)
+    train = [m["train_nll"] for m in st.metrics]
+    assert train[-1] < train[0] - 0.05, train
+    held = [m["heldout"]["own"] for m in st.metrics]
+    assert min(held) < held[0]
+    groups = np.array([u % 2 for u in range(1, 33)])
+    z = f.assignments()[1:].numpy()
+    best = max(adjusted_rand_score(groups, z[:, k]) for k in range(2))
+    assert best > 0.6, f"codes should follow the planted groups, ARI={best:.2f}"
+    for name in ("hobby", "background"):
+        assert st.metrics[-1]["codes"][name]["dead"] == 0
+
+
+def test_joint_and_plain_modes_fit(llm):
+    corpus = planted_corpus(llm.tokenizer, n_users=12)
+    for kw in ({"mode": "joint"}, {"table": "plain"}, {"table": "plain", "init": "uniform"}):
+        f = ProfileFitter(llm, small_cfg(epochs=2, **kw), corpus)
+        st = f.fit(progress=False)
+        z = f.assignments()[1:]
+        assert z.min() >= 1 and z[:, 0].max() <= 2
+        assert len(st.metrics) == 2 and np.isfinite(st.metrics[-1]["heldout"]["own"])
+
+
+def test_resume_after_interruption_gives_identical_ids(llm, tmp_path):
+    corpus = planted_corpus(llm.tokenizer, n_users=16)
+    full = ProfileFitter(llm, small_cfg(epochs=3), corpus, tmp_path / "a")
+    full.fit(progress=False)
+    first = ProfileFitter(llm, small_cfg(epochs=3), corpus, tmp_path / "b")
+    first.fit(epochs=1, progress=False)  # "killed" after one epoch: only its checkpoint survives
+    assert (tmp_path / "b" / "checkpoints" / "last.safetensors").exists()
+    resumed = ProfileFitter(llm, small_cfg(epochs=3), corpus, tmp_path / "b")
+    st = resumed.fit(progress=False)
+    assert [m["epoch"] for m in st.metrics] == [1, 2, 3]
+    assert torch.equal(full.assignments(), resumed.assignments())
+    assert torch.equal(full.theta_table()[0], resumed.theta_table()[0])
+
+
+def test_golden_losses_are_pinned(llm):
+    """Fixed seed, three E-steps: pinned NLLs catch any silent change of the objective or the batch layout."""
+    corpus = planted_corpus(llm.tokenizer, n_users=8, seed=1)
+    f = ProfileFitter(llm, small_cfg(seed=5), corpus)
+    users = torch.tensor([1, 2, 3, 4])
+    losses = []
+    for j in range(3):
+        s, n = f.train_step(users, [corpus.train[u][j % 3] for u in users.tolist()], update_shared=True)
+        losses.append(s / n)
+    assert losses == pytest.approx(GOLDEN, abs=1e-4)
+
+
+GOLDEN = [6.275994, 6.111192, 5.849277]
+
+
+def test_config_validation():
+    with pytest.raises(UseripError, match="duplicate"):
+        ProfileConfig(profiles=[{"name": "a"}, {"name": "a"}], template="{a} {behaviour}")
+    with pytest.raises(UseripError, match="slot"):
+        ProfileConfig(profiles=[{"name": "hobby"}], template="The user watched: {behaviour}")
+    with pytest.raises(UseripError, match="mode"):
+        ProfileConfig(mode="magic")
+    with pytest.raises(UseripError, match="unknown keys"):
+        ProfileConfig.from_dict({"epochz": 3})
