@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -49,12 +48,12 @@ def _friendly(fn):
 @_friendly
 def data_prepare(
     out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Built-in dataset: ml-100k."),
-    interactions: Optional[Path] = typer.Option(None, "--interactions", help="CSV/Parquet interactions file."),
-    items: Optional[Path] = typer.Option(None, "--items", help="CSV/Parquet items file."),
-    users: Optional[Path] = typer.Option(None, "--users", help="CSV/Parquet users file (optional)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (column mapping, split)."),
-    source: Optional[Path] = typer.Option(None, "--source", help="Local directory holding ML-100K files."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Built-in dataset: ml-100k."),
+    interactions: Path | None = typer.Option(None, "--interactions", help="CSV/Parquet interactions file."),
+    items: Path | None = typer.Option(None, "--items", help="CSV/Parquet items file."),
+    users: Path | None = typer.Option(None, "--users", help="CSV/Parquet users file (optional)."),
+    config: Path | None = typer.Option(None, "--config", help="YAML config (column mapping, split)."),
+    source: Path | None = typer.Option(None, "--source", help="Local directory holding ML-100K files."),
 ) -> None:
     """Load a dataset, split it per user in time order, write Parquet tables + stats.json."""
     from userip.data import format_stats, prepare
@@ -72,6 +71,137 @@ def data_stats(data_dir: Path = typer.Argument(..., help="A prepared data direct
     from userip.data import format_stats, load_stats
 
     console.print(format_stats(load_stats(data_dir)))
+
+
+# ---------------------------------------------------------------- profile
+@profile_app.command("fit")
+@_friendly
+def profile_fit(
+    data: Path = typer.Option(..., "--data", help="Prepared data directory (userip data prepare)."),
+    out: Path = typer.Option(..., "--out", help="Output PROFILES directory (resumes from its checkpoints)."),
+    model: str = typer.Option("smollm2-135m", "--model", help="Bundled model name, local HF dir or .gguf file."),
+    config: Path | None = typer.Option(None, "--config", help="YAML config (its `profile:` section)."),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    max_users: int | None = typer.Option(None, "--max-users", help="Fit a seeded random subset of users."),
+    seed: int | None = typer.Option(None, "--seed"),
+    mode: str | None = typer.Option(None, "--mode", help="em (default) or joint (reference code)."),
+    table: str | None = typer.Option(None, "--table", help="residual (default) or plain (reference code)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
+) -> None:
+    """Fit soft profiles by EM on the train split and write profiles, codebooks, IDs and metrics."""
+    from userip.profile import fit_profiles
+    from userip.profile.report import summary_table
+
+    metrics = fit_profiles(data, out, model=model, config=config, epochs=epochs, max_users=max_users,
+                           seed=seed, mode=mode, table=table, threads=threads)
+    console.print(summary_table(metrics))
+    console.print(f"wrote {out} in {metrics['wall_s']:.0f}s, peak RSS {metrics['peak_rss_mb']:.0f} MB")
+
+
+@profile_app.command("ids")
+@_friendly
+def profile_ids(profiles: Path = typer.Argument(..., help="A PROFILES directory.")) -> None:
+    """Print how many users hold each code, per profile."""
+    from rich.table import Table
+
+    from userip.profile import id_counts
+
+    for name, counts in id_counts(profiles).items():
+        t = Table(title=f"{name}")
+        t.add_column("code", justify="right")
+        t.add_column("users", justify="right")
+        for code, n in counts.items():
+            t.add_row(str(code), str(n))
+        console.print(t)
+
+
+# ---------------------------------------------------------------- end profile
+
+
+# ---------------------------------------------------------------- bank
+@bank_app.command("build")
+@_friendly
+def bank_build(
+    profiles: Path = typer.Option(..., "--profiles", help="PROFILES dir written by `userip profile`."),
+    out: str = typer.Option(..., "--out", help="Bank path or URL (sqlite:///path); replaced atomically."),
+) -> None:
+    """Build the feature bank (user -> profile IDs) from a PROFILES dir."""
+    from userip.bank import build_bank
+
+    with build_bank(profiles, out) as bank:
+        meta = bank.meta()
+    names = ", ".join(f"{p['name']} (K={p['size']})" for p in meta["profiles"])
+    console.print(f"built {meta['backend']} bank [bold]{out}[/]: {meta['n_users']} users; profiles {names}")
+
+
+@bank_app.command("get")
+@_friendly
+def bank_get(
+    users: list[str] = typer.Argument(..., help="User ids (dataset ids, as strings)."),
+    bank: str = typer.Option(..., "--bank", help="Bank file path or URL."),
+) -> None:
+    """Look up profile IDs for users; unknown users show 0 for every profile."""
+    from rich.table import Table
+
+    from userip.bank import open_bank
+
+    with open_bank(bank) as b:
+        names, ids = b.profile_names, b.get(users)
+    table = Table("user_id", *names)
+    for uid, row in zip(users, ids, strict=True):
+        table.add_row(uid, *(str(int(v)) for v in row))
+    console.print(table)
+
+
+@bank_app.command("info")
+@_friendly
+def bank_info(bank: str = typer.Option(..., "--bank", help="Bank file path or URL.")) -> None:
+    """Show the bank meta and how many users hold each code of each profile."""
+    import json
+
+    from rich.table import Table
+
+    from userip.bank import open_bank
+
+    with open_bank(bank) as b:
+        meta, counts = b.meta(), b.code_counts()
+    info = Table("key", "value", title=f"bank {bank}")
+    info.columns[1].overflow = "fold"
+    for key, value in meta.items():
+        info.add_row(key, value if isinstance(value, str) else json.dumps(value))
+    console.print(info)
+    n = max(int(meta.get("n_users") or 0), 1)
+    for p in meta["profiles"]:
+        per_code = counts.get(p["name"], {})
+        used = sum(1 for code in per_code if code > 0)
+        console.print(f"[bold]{p['name']}[/]: {used}/{p['size']} codes used")
+        t = Table("code", "users", "share")
+        for code, c in per_code.items():
+            t.add_row("0 (unknown)" if code == 0 else str(code), str(c), f"{c / n:.1%}")
+        console.print(t)
+
+
+# ---------------------------------------------------------------- end bank
+
+
+# ---------------------------------------------------------------- ctr
+# (section owned by the ctr stage; add its commands here)
+# ---------------------------------------------------------------- end ctr
+
+
+# ---------------------------------------------------------------- explain
+# (section owned by the explain stage; add its commands here)
+# ---------------------------------------------------------------- end explain
+
+
+# ---------------------------------------------------------------- run
+# (section owned by the run stage; add its commands here)
+# ---------------------------------------------------------------- end run
+
+
+# ---------------------------------------------------------------- serve
+# (section owned by the serve stage; add its commands here)
+# ---------------------------------------------------------------- end serve
 
 
 def main() -> None:  # pragma: no cover - entry point

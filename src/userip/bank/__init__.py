@@ -1,0 +1,18 @@
+"""Feature bank: user id -> one small int per profile, read online by the CTR model without an LLM call.
+
+``protocol`` holds the backend-neutral contract and checks, ``api`` the entry points and URL dispatch,
+``sqlite`` the default backend. Nothing here imports torch, so serving a bank stays light.
+"""
+
+from userip.bank.api import build_bank, import_parquet, open_bank, read_profiles_dir
+from userip.bank.protocol import BANK_FORMAT_VERSION, FeatureBank, check_compatible
+
+__all__ = [
+    "BANK_FORMAT_VERSION",
+    "FeatureBank",
+    "build_bank",
+    "check_compatible",
+    "import_parquet",
+    "open_bank",
+    "read_profiles_dir",
+]

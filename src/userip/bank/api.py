@@ -1,0 +1,216 @@
+"""Entry points of the bank stage: URL dispatch, building from a PROFILES dir, Parquet import.
+
+Kept apart from the backends so adding one (Redis: ``redis://host:port/db``) is a new module plus one branch
+in ``_backend_for``; callers only ever see ``FeatureBank``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from userip.bank.protocol import (
+    PARQUET_META_KEY,
+    FeatureBank,
+    normalise_meta,
+    validate_ids_table,
+)
+from userip.errors import InputError, UseripError
+
+__all__ = ["build_bank", "import_parquet", "open_bank", "read_profiles_dir"]
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_SUPPORTED = "a file path or sqlite:///path (redis:// is planned)"
+
+
+def _backend_for(url_or_path: str | os.PathLike) -> tuple[str, str]:
+    """Split a bank location into (backend, backend-specific location)."""
+    if isinstance(url_or_path, os.PathLike):
+        return "sqlite", os.fspath(url_or_path)
+    if not isinstance(url_or_path, str) or not url_or_path.strip():
+        raise UseripError(f"bank location must be {_SUPPORTED}, got {url_or_path!r}")
+    m = _SCHEME.match(url_or_path)
+    if m is None:
+        return "sqlite", url_or_path
+    scheme = m.group(1).lower()
+    if scheme == "sqlite":
+        # SQLAlchemy convention: sqlite:///relative/path, sqlite:////absolute/path.
+        rest = url_or_path[m.end() :]
+        if not rest.startswith("/") or len(rest) == 1:
+            raise UseripError(
+                f"bad SQLite bank URL {url_or_path!r}: use sqlite:///relative/path or sqlite:////abs/path"
+            )
+        return "sqlite", rest[1:]
+    if scheme == "redis":
+        raise UseripError(
+            f"the Redis feature-bank backend is not available yet ({url_or_path}); use a SQLite path or sqlite:///path"
+        )
+    raise UseripError(f"unknown feature-bank scheme '{scheme}://' in {url_or_path!r}; expected {_SUPPORTED}")
+
+
+def open_bank(url_or_path: str | os.PathLike, *, create: bool = False, reload: bool = True) -> FeatureBank:
+    """Open a bank for reading (or, with ``create=True``, a not-yet-built one for ``build``).
+
+    ``reload``: pick up rebuilds of the same location on the next ``get`` (what a long-running server wants).
+    """
+    backend, location = _backend_for(url_or_path)
+    if backend == "sqlite":
+        from userip.bank.sqlite import SQLiteBank
+
+        return SQLiteBank(location, create=create, reload=reload)
+    raise AssertionError(backend)  # pragma: no cover - _backend_for only returns known backends
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """Tensor names and shapes from the safetensors header (8-byte length + JSON), without loading data."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 << 20:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return header
+    except (struct.error, ValueError, OSError) as e:
+        raise InputError(path, f"not a readable safetensors file ({e})") from None
+
+
+def read_profiles_dir(profiles_dir: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Load and check a PROFILES dir; returns (ids table, bank meta). Every error names the file and field.
+
+    The codebooks are hashed into the meta: IDs are only meaningful with the codebook that produced them,
+    so a server can refuse a bank whose codebook differs from the one its CTR model was trained with.
+    """
+    root = Path(profiles_dir)
+    if not root.is_dir():
+        raise UseripError(f"{root}: profiles directory not found (expected the output of `userip profile`)")
+    ids_path, cfg_path, cb_path = (
+        root / "profile_ids.parquet",
+        root / "config.yaml",
+        root / "codebooks.safetensors",
+    )
+    for p in (ids_path, cfg_path, cb_path):
+        if not p.is_file():
+            raise InputError(p, "file missing from the profiles directory")
+
+    import yaml
+
+    try:
+        config = yaml.safe_load(cfg_path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(cfg_path, f"not valid YAML ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(cfg_path, "expected a mapping at the top level")
+    for key in ("model", "template", "profiles", "data_fingerprint"):
+        if config.get(key) in (None, ""):
+            raise InputError(cfg_path, "missing", field=key)
+    profiles = config["profiles"]
+    if not isinstance(profiles, list) or not profiles:
+        raise InputError(
+            cfg_path, "must be a non-empty list of {name, n_tokens, codebook_size}", field="profiles"
+        )
+    meta_profiles = []
+    for i, p in enumerate(profiles):
+        if not isinstance(p, dict) or "name" not in p:
+            raise InputError(cfg_path, f"entry {i} needs a 'name'", field="profiles")
+        if "codebook_size" not in p:
+            raise InputError(
+                cfg_path, f"profile '{p['name']}' has no codebook_size", field="profiles.codebook_size"
+            )
+        meta_profiles.append({"name": p["name"], "size": p["codebook_size"]})
+    meta = normalise_meta(
+        {
+            "model": str(config["model"]),
+            "template": str(config["template"]),
+            "codebook_hash": _sha256(cb_path),
+            "profiles": meta_profiles,
+            "data_fingerprint": str(config["data_fingerprint"]),
+        },
+        source=cfg_path,
+    )
+
+    header = _safetensors_header(cb_path)
+    for p in meta["profiles"]:
+        key = f"codebook.{p['name']}"
+        if key not in header:
+            raise InputError(cb_path, f"missing tensor for profile '{p['name']}'", field=key)
+        shape = header[key].get("shape") if isinstance(header[key], dict) else None
+        if not shape or shape[0] != p["size"]:
+            raise InputError(
+                cb_path, f"has shape {shape}, but config.yaml says codebook_size {p['size']}", field=key
+            )
+
+    try:
+        table = pd.read_parquet(ids_path)
+    except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+        raise InputError(ids_path, f"cannot read Parquet ({type(e).__name__}: {e})") from None
+    validate_ids_table(table, meta, source=ids_path)
+    return table, meta
+
+
+def build_bank(profiles_dir: str | os.PathLike, out: str | os.PathLike) -> FeatureBank:
+    """Build (or atomically rebuild) the bank at ``out`` from a PROFILES dir; returns it opened."""
+    table, meta = read_profiles_dir(profiles_dir)
+    bank = open_bank(out, create=True)
+    try:
+        bank.build(table, meta)
+    except BaseException:
+        bank.close()
+        raise
+    return bank
+
+
+def import_parquet(
+    path: str | os.PathLike, out: str | os.PathLike, meta: dict[str, Any] | None = None
+) -> FeatureBank:
+    """Build a bank from a Parquet table (e.g. one written by ``export_parquet``, or another backend's dump).
+
+    ``meta=None`` takes the meta stored in the file by ``export_parquet``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        table = pf.read().to_pandas()
+    except Exception as e:  # see read_profiles_dir
+        raise InputError(path, f"cannot read Parquet ({type(e).__name__}: {e})") from None
+    if meta is None:
+        raw = (pf.schema_arrow.metadata or {}).get(PARQUET_META_KEY)
+        if raw is None:
+            raise InputError(
+                path, "no bank meta stored in the file; pass meta=", field=PARQUET_META_KEY.decode()
+            )
+        try:
+            meta = json.loads(raw)
+        except ValueError as e:
+            raise InputError(
+                path, f"stored bank meta is not JSON ({e})", field=PARQUET_META_KEY.decode()
+            ) from None
+    meta = normalise_meta(meta, source=path)
+    validate_ids_table(table, meta, source=path)
+    bank = open_bank(out, create=True)
+    try:
+        bank.build(table, meta)
+    except BaseException:
+        bank.close()
+        raise
+    return bank
