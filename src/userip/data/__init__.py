@@ -1,0 +1,23 @@
+"""Data stage: load interaction logs (MovieLens-100K or your own CSV/Parquet), re-index ids, split, describe.
+
+Output is a DATA dir (see docs/internals.md) that every later stage reads through `load_prepared`.
+"""
+
+from userip.data.config import ConfigError, DataConfig
+from userip.data.ctr import CTRExamples, ctr_examples
+from userip.data.prepared import PreparedData, format_stats, load_prepared, load_stats, prepare
+from userip.data.text import behaviour_windows, user_histories
+
+__all__ = [
+    "CTRExamples",
+    "ConfigError",
+    "DataConfig",
+    "PreparedData",
+    "behaviour_windows",
+    "ctr_examples",
+    "format_stats",
+    "load_prepared",
+    "load_stats",
+    "prepare",
+    "user_histories",
+]

@@ -1,0 +1,419 @@
+"""Reading user-supplied tables (CSV/TSV/Parquet) into one canonical in-memory form, with row-level errors.
+
+Every problem becomes one `InputError` naming the file, the 1-based data row (header not counted) and the
+field, plus what was expected: a user who brings their own logs should be able to fix the file from the
+message alone, without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from userip.data.config import DataConfig
+from userip.errors import InputError
+
+TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ",", ".inter": "\t", ".item": "\t", ".user": "\t"}
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+_RECBOLE_HEADER = re.compile(r"^(?P<name>[^:]+):(token|token_seq|float|float_seq)$")
+
+
+@dataclass
+class RawTables:
+    """Canonical tables before re-indexing. Ids are strings; ``_row`` is the 1-based row in the source file.
+
+    interactions: user_id, item_id, rating (float, NaN if absent), label (float 0/1, NaN if not given),
+    timestamp (int64), optional text. items: item_id, title (rendered), genres (list[str]), year (float,
+    NaN if unknown), optional text. users: user_id + side features (None when there is no users file).
+    ``files``/``fields`` remember the source file and original column name of each canonical column so
+    the cross-table checks can still point at the user's file and column.
+    """
+
+    interactions: pd.DataFrame
+    items: pd.DataFrame
+    users: pd.DataFrame | None
+    source: str
+    files: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_table(path: str | Path, *, sep: str | None = None) -> pd.DataFrame:
+    """Read a CSV/TSV/Parquet file. Text files are read as strings (converted and checked later, per field).
+
+    RecBole "atomic" headers (``user_id:token``) are reduced to the bare name so those files load as-is.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if path.is_dir():
+        raise InputError(path, "expected a file, got a directory")
+    if path.stat().st_size == 0:
+        raise InputError(path, "file is empty (expected a header row and data rows)")
+    suffix = path.suffix.lower()
+    if suffix in PARQUET_SUFFIXES:
+        try:
+            df = pd.read_parquet(path)
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise InputError(path, f"not a readable Parquet file ({type(e).__name__}: {e})") from None
+    elif suffix in TEXT_SUFFIXES:
+        df = _read_text(path, sep or TEXT_SUFFIXES[suffix])
+    else:
+        raise InputError(
+            path,
+            f"unsupported file type '{suffix}'; expected one of "
+            f"{', '.join(sorted(set(TEXT_SUFFIXES) | PARQUET_SUFFIXES))}",
+        )
+    df.columns = [_strip_type(str(c)) for c in df.columns]
+    dup = [c for c in df.columns if list(df.columns).count(c) > 1]
+    if dup:
+        raise InputError(path, f"duplicate column name '{dup[0]}' in the header", row=None, field=dup[0])
+    if len(df) == 0:
+        raise InputError(path, f"no data rows (header only: {', '.join(df.columns)})")
+    return df.reset_index(drop=True)
+
+
+def _read_text(path: Path, sep: str) -> pd.DataFrame:
+    last: Exception | None = None
+    for encoding in ("utf-8", "latin-1"):  # MovieLens' own files are latin-1; most user exports are utf-8
+        try:
+            with warnings.catch_warnings():
+                # A first data row with one field too many would otherwise silently become the index.
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                df = pd.read_csv(
+                    path, sep=sep, dtype=str, keep_default_na=False, na_values=[], encoding=encoding,
+                    quotechar='"', index_col=False,
+                )  # fmt: skip
+        except UnicodeDecodeError as e:
+            last = e
+            continue
+        except pd.errors.EmptyDataError:
+            raise InputError(path, "file is empty (expected a header row and data rows)") from None
+        except pd.errors.ParserWarning:
+            raise InputError(
+                path, f"more {_sep_name(sep)}-separated fields than the header has", row=1
+            ) from None
+        except pd.errors.ParserError as e:
+            m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
+            if m:
+                raise InputError(
+                    path,
+                    f"{m.group(3)} {_sep_name(sep)}-separated fields, but the header has {m.group(1)}",
+                    row=int(m.group(2)) - 1,
+                ) from None
+            raise InputError(path, f"cannot parse as {_sep_name(sep)}-separated text: {e}") from None
+        # (a row with too few fields reads as empty strings; the per-field checks then name row and field)
+        return df
+    raise InputError(path, f"cannot decode as utf-8 or latin-1: {last}")  # pragma: no cover
+
+
+def _sep_name(sep: str) -> str:
+    return {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe"}.get(sep, repr(sep))
+
+
+def _strip_type(name: str) -> str:
+    name = name.strip().lstrip("\ufeff")
+    m = _RECBOLE_HEADER.match(name)
+    return m.group("name") if m else name
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def require_columns(df: pd.DataFrame, path: str | Path, table: str, wanted: dict[str, str]) -> None:
+    """``wanted``: canonical key -> column name. Missing ones are reported with the columns that do exist."""
+    for key, col in wanted.items():
+        if col not in df.columns:
+            raise InputError(
+                path,
+                f"missing {table} column '{col}' (used as {key}); "
+                f"columns present: {', '.join(map(str, df.columns))}."
+                f" Map it with columns.{table}.{key} in the config",
+                field=col,
+            )
+
+
+def _is_missing(v: Any) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float) and math.isnan(v):
+        return True
+    if isinstance(v, str) and not v.strip():
+        return True
+    return v is pd.NA or v is pd.NaT
+
+
+def to_ids(s: pd.Series, path: str | Path, col: str) -> pd.Series:
+    """Ids as clean strings (integral floats from Parquet become "12", not "12.0"); empty ids are errors."""
+    out = []
+    for i, v in enumerate(s.tolist()):
+        if _is_missing(v):
+            raise InputError(path, "empty id (expected a non-empty id)", row=i + 1, field=col)
+        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+            v = int(v)
+        out.append(str(v).strip())
+    return pd.Series(out, index=s.index, dtype=object)
+
+
+def to_float(s: pd.Series, path: str | Path, col: str, what: str = "a number") -> np.ndarray:
+    num = pd.to_numeric(s, errors="coerce")
+    arr = np.asarray(num, dtype="float64")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(path, f"expected {what}, got {s.iloc[i]!r}", row=i + 1, field=col)
+    return arr
+
+
+def to_timestamp(s: pd.Series, path: str | Path, col: str, fmt: str) -> np.ndarray:
+    """Seconds since the epoch (int64). Parquet datetimes are converted; strings need fmt='datetime'."""
+    if pd.api.types.is_datetime64_any_dtype(s):
+        if s.isna().any():
+            i = int(np.flatnonzero(s.isna().to_numpy())[0])
+            raise InputError(path, "empty timestamp (expected a date-time)", row=i + 1, field=col)
+        return _dt_to_seconds(s)
+    if fmt == "datetime":
+        parsed = pd.to_datetime(s, errors="coerce", utc=True, format="ISO8601")
+        if parsed.isna().any():
+            i = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+            raise InputError(path, f"expected an ISO date-time, got {s.iloc[i]!r}", row=i + 1, field=col)
+        return _dt_to_seconds(parsed)
+    arr = to_float(
+        s, path, col, "a numeric timestamp (seconds since 1970; set timestamp_format: datetime for dates)"
+    )
+    return np.floor(arr).astype("int64")
+
+
+def _dt_to_seconds(s: pd.Series) -> np.ndarray:
+    if getattr(s.dt, "tz", None) is None:
+        s = s.dt.tz_localize("UTC")
+    return (s - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy().astype("int64")
+
+
+def to_label(s: pd.Series, path: str | Path, col: str) -> np.ndarray:
+    if s.dtype == bool:
+        return s.to_numpy().astype("float64")
+    arr = to_float(s, path, col, "a 0/1 label")
+    bad = (arr != 0) & (arr != 1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(path, f"expected a 0/1 label, got {s.iloc[i]!r}", row=i + 1, field=col)
+    return arr
+
+
+def to_genres(s: pd.Series, sep: str) -> list[list[str]]:
+    """A list column (Parquet) or a delimited string; order kept, blanks and duplicates dropped."""
+    out = []
+    for v in s.tolist():
+        if isinstance(v, (list, tuple, np.ndarray)):
+            parts = [str(x) for x in v if not _is_missing(x)]
+        elif _is_missing(v):
+            parts = []
+        else:
+            parts = str(v).split(sep)
+        seen: dict[str, None] = {}
+        for p in parts:
+            p = p.strip()
+            if p:
+                seen.setdefault(p, None)
+        out.append(list(seen))
+    return out
+
+
+def to_text(s: pd.Series) -> list[str | None]:
+    return [None if _is_missing(v) else str(v) for v in s.tolist()]
+
+
+def parse_year(v: Any) -> float:
+    """A 4-digit year from a year or a date-ish value ("1995", 1995.0, "01-Jan-1995"); NaN if none."""
+    if _is_missing(v):
+        return float("nan")
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        y = float(v)
+        return y if y.is_integer() and 1000 <= y <= 9999 else float("nan")
+    m = re.search(r"(?<!\d)(\d{4})(?!\d)", str(v))
+    return float(m.group(1)) if m else float("nan")
+
+
+def render_title(title: str, year: float) -> str:
+    """'Toy Story' + 1995 -> 'Toy Story (1995)'; unknown year or already suffixed -> title unchanged."""
+    if math.isnan(year):
+        return title
+    suffix = f"({int(year)})"
+    return title if title.rstrip().endswith(suffix) else f"{title} {suffix}"
+
+
+def to_titles(s: pd.Series, path: str | Path, col: str) -> list[str]:
+    out = []
+    for i, v in enumerate(s.tolist()):
+        if _is_missing(v):
+            raise InputError(
+                path, "empty title (every item needs a title: it is what the LLM reads)", row=i + 1, field=col
+            )
+        out.append(" ".join(str(v).split()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- generic
+def _optional(df: pd.DataFrame, col: str | None, default: str | None) -> str | None:
+    """An optional column is used if present; absent is fine only if the user did not name it explicitly."""
+    if col is None:
+        return None
+    if col in df.columns:
+        return col
+    return None if col == default else col  # explicit name that is missing -> caller reports it
+
+
+def read_interactions(path: str | Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, str]]:
+    cols = cfg.columns.interactions
+    df = read_table(path, sep=cfg.csv_sep)
+    wanted = {"user_id": cols.user_id, "item_id": cols.item_id, "timestamp": cols.timestamp}
+    label_col = cols.label
+    rating_col = _optional(df, cols.rating, "rating") if label_col is not None else cols.rating
+    text_col = _optional(df, cols.text, None)
+    if rating_col is not None:
+        wanted["rating"] = rating_col
+    if label_col is not None:
+        wanted["label"] = label_col
+    if text_col is not None:
+        wanted["text"] = text_col
+    require_columns(df, path, "interactions", wanted)
+    out = pd.DataFrame(
+        {
+            "user_id": to_ids(df[cols.user_id], path, cols.user_id),
+            "item_id": to_ids(df[cols.item_id], path, cols.item_id),
+            "rating": to_float(df[rating_col], path, rating_col, "a numeric rating")
+            if rating_col is not None
+            else np.full(len(df), np.nan),
+            "label": to_label(df[label_col], path, label_col)
+            if label_col is not None
+            else np.full(len(df), np.nan),
+            "timestamp": to_timestamp(df[cols.timestamp], path, cols.timestamp, cfg.timestamp_format),
+        }
+    )
+    if text_col is not None:
+        out["text"] = to_text(df[text_col])
+    out["_row"] = np.arange(1, len(df) + 1)
+    return out, wanted
+
+
+def read_items(path: str | Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, str]]:
+    cols = cfg.columns.items
+    df = read_table(path, sep=cfg.csv_sep)
+    wanted = {"item_id": cols.item_id, "title": cols.title}
+    for key, default in (("genres", "genres"), ("year", None), ("text", None)):
+        col = _optional(df, getattr(cols, key), default)
+        if col is not None:
+            wanted[key] = col
+    require_columns(df, path, "items", wanted)
+    years = (
+        np.array([parse_year(v) for v in df[wanted["year"]].tolist()], dtype="float64")
+        if "year" in wanted
+        else np.full(len(df), np.nan)
+    )
+    titles = to_titles(df[cols.title], path, cols.title)
+    out = pd.DataFrame(
+        {
+            "item_id": to_ids(df[cols.item_id], path, cols.item_id),
+            "title": [render_title(t, y) for t, y in zip(titles, years, strict=True)],
+            "genres": to_genres(df[wanted["genres"]], cfg.genre_sep)
+            if "genres" in wanted
+            else [[]] * len(df),
+            "year": years,
+        }
+    )
+    if "text" in wanted:
+        out["text"] = to_text(df[wanted["text"]])
+    out["_row"] = np.arange(1, len(df) + 1)
+    return out, wanted
+
+
+def read_users(path: str | Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, str]]:
+    cols = cfg.columns.users
+    df = read_table(path, sep=cfg.csv_sep)
+    features = cols.features if cols.features is not None else [c for c in df.columns if c != cols.user_id]
+    wanted = {"user_id": cols.user_id, **{f: f for f in features}}
+    require_columns(df, path, "users", wanted)
+    out = pd.DataFrame({"user_id": to_ids(df[cols.user_id], path, cols.user_id)})
+    for f in features:
+        if f in ("user_id", "user_idx", "_row"):
+            raise InputError(path, f"user feature column may not be called '{f}' (reserved)", field=f)
+        if f in cfg.bins:
+            vals = pd.to_numeric(df[f].where(~df[f].map(_is_missing), None), errors="coerce")
+            bad = vals.isna().to_numpy() & ~df[f].map(_is_missing).to_numpy()
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise InputError(
+                    path,
+                    f"expected a number (the column is bucketed by bins.{f}), got {df[f].iloc[i]!r}",
+                    row=i + 1,
+                    field=f,
+                )
+            out[f] = vals.astype("float64").to_numpy()
+        else:
+            out[f] = to_text(df[f])
+    out["_row"] = np.arange(1, len(df) + 1)
+    return out, wanted
+
+
+def read_generic(
+    interactions: str | Path, items: str | Path, users: str | Path | None, cfg: DataConfig
+) -> RawTables:
+    """Load the user's own logs with the column mapping of ``cfg.columns``."""
+    inter, f_i = read_interactions(interactions, cfg)
+    it, f_it = read_items(items, cfg)
+    us, f_u = (None, {}) if users is None else read_users(users, cfg)
+    files = {"interactions": str(interactions), "items": str(items)}
+    if users is not None:
+        files["users"] = str(users)
+    src = "files: " + ", ".join(f"{k}={v}" for k, v in files.items())
+    return RawTables(inter, it, us, src, files, {"interactions": f_i, "items": f_it, "users": f_u})
+
+
+# ---------------------------------------------------------------------------------------------- cross-table
+def check_tables(raw: RawTables) -> None:
+    """Duplicate ids and references to unknown items/users, reported at the first offending row."""
+    f_it = raw.fields.get("items", {})
+    _no_duplicates(
+        raw.items, "item_id", raw.files.get("items", "items"), f_it.get("item_id", "item_id"), "item"
+    )
+    if raw.users is not None:
+        f_u = raw.fields.get("users", {})
+        _no_duplicates(
+            raw.users, "user_id", raw.files.get("users", "users"), f_u.get("user_id", "user_id"), "user"
+        )
+    inter = raw.interactions
+    f_in = raw.fields.get("interactions", {})
+    for key, table, noun in (("item_id", raw.items, "item"), ("user_id", raw.users, "user")):
+        if table is None:
+            continue
+        known = inter[key].isin(set(table[key]))
+        if not known.all():
+            i = int(np.flatnonzero(~known.to_numpy())[0])
+            n_bad = int((~known).sum())
+            raise InputError(
+                raw.files.get("interactions", "interactions"),
+                f"{noun} id '{inter[key].iloc[i]}' is not in the {noun}s file "
+                f"{raw.files.get(noun + 's', noun + 's')} ({n_bad} interaction(s) reference unknown {noun}s)",
+                row=int(inter["_row"].iloc[i]),
+                field=f_in.get(key, key),
+            )
+
+
+def _no_duplicates(df: pd.DataFrame, key: str, path: str, col: str, noun: str) -> None:
+    dup = df[key].duplicated(keep="first")
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        value = df[key].iloc[i]
+        first = int(df["_row"].iloc[int(np.flatnonzero((df[key] == value).to_numpy())[0])])
+        raise InputError(
+            path,
+            f"duplicate {noun} id '{value}' (first at row {first}); each {noun} must appear once",
+            row=int(df["_row"].iloc[i]),
+            field=col,
+        )

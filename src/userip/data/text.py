@@ -1,0 +1,186 @@
+"""Behaviour text: a user's interactions rendered as the windows of text the LLM reads when fitting profiles.
+
+Why every interaction is rendered, not only the liked ones: UserIP-Tuning models the behaviour sequence
+itself (what the user chose to watch/click, in order), and a rating is a reaction given *after* the exposure.
+Filtering by rating would mix the label into the input of a model whose output later feeds the CTR model
+that predicts exactly that label. Keeping all items also makes the windows a deterministic function of the
+split: same data, same windows, same profiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from userip.data.prepared import PreparedData
+from userip.data.split import SPLITS
+from userip.errors import UseripError
+
+SEP = "; "
+
+
+def _select(data: PreparedData, split: str | Sequence[str]) -> pd.DataFrame:
+    names = list(SPLITS) if split == "all" else [split] if isinstance(split, str) else list(split)
+    bad = [s for s in names if s not in SPLITS]
+    if bad:
+        raise UseripError(f"unknown split '{bad[0]}'; expected one of {', '.join(SPLITS)} or 'all'")
+    inter = data.interactions
+    return inter[inter["split"].isin(names)]
+
+
+def user_histories(data: PreparedData, split: str | Sequence[str] = "train") -> dict[int, np.ndarray]:
+    """user_idx -> item_idx of that split in time order (ties by original row order). Users without any
+    interaction in the split are absent."""
+    rows = _select(data, split)
+    users = rows["user_idx"].to_numpy()
+    items = rows["item_idx"].to_numpy(dtype=np.int64)
+    if len(users) == 0:
+        return {}
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
+    return {int(users[s]): items[s:e] for s, e in zip(starts, ends, strict=True)}
+
+
+def token_counter(tokenizer: Any | None) -> Callable[[str], int]:
+    """Number of tokens of a string: the tokenizer's ``encode`` (no special tokens) or ``__call__``;
+    without a tokenizer, whitespace-separated words."""
+    if tokenizer is None:
+        return lambda s: len(s.split())
+    return lambda s: len(_encode(tokenizer, s))
+
+
+def _encode(tokenizer: Any, s: str) -> list:
+    enc = getattr(tokenizer, "encode", None)
+    if enc is not None:
+        try:
+            return list(enc(s, add_special_tokens=False))
+        except TypeError:
+            return list(enc(s))
+    out = tokenizer(s)
+    if hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def truncate_tokens(text: str, max_tokens: int, tokenizer: Any | None = None) -> str:
+    """First ``max_tokens`` tokens of ``text`` (decoded back with the tokenizer when it can decode)."""
+    if tokenizer is not None:
+        ids = _encode(tokenizer, text)
+        if len(ids) <= max_tokens:
+            return text
+        dec = getattr(tokenizer, "decode", None)
+        if dec is not None:
+            try:
+                return str(dec(ids[:max_tokens], skip_special_tokens=True))
+            except TypeError:
+                return str(dec(ids[:max_tokens]))
+    words = text.split()
+    return text if len(words) <= max_tokens else " ".join(words[:max_tokens])
+
+
+def pack_windows(
+    titles: Sequence[str],
+    *,
+    max_items: int,
+    max_tokens: int | None = None,
+    tokenizer: Any | None = None,
+    count: Callable[[str], int] | None = None,
+) -> list[str]:
+    """Greedily pack titles, in order, into "A; B; C" windows of at most ``max_items`` titles and (when
+    ``max_tokens`` is set) at most ``max_tokens`` tokens. A title is never cut: when it does not fit, a new
+    window starts; a single title longer than ``max_tokens`` forms a window of its own. ``count`` overrides
+    the token counter (e.g. a memoised one shared across users)."""
+    n = len(titles)
+    if max_tokens is None:
+        return [SEP.join(titles[i : i + max_items]) for i in range(0, n, max_items)]
+    count = count or token_counter(tokenizer)
+    first = [count(t) for t in titles]
+    nxt = [count(SEP.strip() + " " + t) for t in titles]  # estimate of the title's cost after a separator
+    out, i = [], 0
+    while i < n:
+        j, est = i + 1, first[i]
+        while j < n and j - i < max_items and est + nxt[j] <= max_tokens:
+            est += nxt[j]
+            j += 1
+        # The estimate is only a guide (tokens can merge across the separator): fix it with exact counts.
+        while j - i > 1 and count(SEP.join(titles[i:j])) > max_tokens:
+            j -= 1
+        while j < n and j - i < max_items and count(SEP.join(titles[i : j + 1])) <= max_tokens:
+            j += 1
+        out.append(SEP.join(titles[i:j]))
+        i = j
+    return out
+
+
+def behaviour_windows(
+    data: PreparedData,
+    split: str | Sequence[str] = "train",
+    *,
+    max_items: int = 16,
+    tokenizer: Any | None = None,
+    max_tokens: int | None = None,
+    mode: str = "sequence",
+) -> dict[int, list[str]]:
+    """Per user_idx, that split's behaviour as text windows, in time order.
+
+    ``mode="sequence"``: item titles joined by "; " ("Toy Story (1995); Heat (1995); ..."), at most
+    ``max_items`` per window and, with ``max_tokens``, at most that many tokens (counted with ``tokenizer``,
+    else whitespace words); long histories give several windows, every item appears exactly once.
+    All items are rendered, liked or not: the paper models the behaviour sequence itself, a rating is a
+    reaction after the exposure (using it would leak the CTR label into the profile), and this keeps the
+    windows deterministic.
+    ``mode="review"``: one window per interaction with text (the interaction's ``text`` column, else the
+    item's), truncated to ``max_tokens``. An error if the data has no text column.
+    Users without interactions in the split are absent.
+    """
+    if not isinstance(max_items, int) or max_items < 1:
+        raise UseripError(f"max_items must be an integer >= 1, got {max_items!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise UseripError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
+    if mode not in ("sequence", "review"):
+        raise UseripError(f"mode must be 'sequence' or 'review', got {mode!r}")
+    rows = _select(data, split)
+    users = rows["user_idx"].to_numpy()
+    if len(users) == 0:
+        return {}
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
+    items = rows["item_idx"].to_numpy(dtype=np.int64)
+
+    if mode == "sequence":
+        titles = np.array([""] * (data.n_items + 1), dtype=object)
+        titles[data.items["item_idx"].to_numpy()] = data.items["title"].to_numpy(dtype=object)
+        count = functools.lru_cache(maxsize=65536)(token_counter(tokenizer))  # titles repeat across users
+        return {
+            int(users[s]): pack_windows(
+                list(titles[items[s:e]]), max_items=max_items, max_tokens=max_tokens, count=count
+            )
+            for s, e in zip(starts, ends, strict=True)
+        }
+
+    if "text" in rows.columns:
+        texts = rows["text"].to_numpy(dtype=object)
+    elif "text" in data.items.columns:
+        lut = np.array([None] * (data.n_items + 1), dtype=object)
+        lut[data.items["item_idx"].to_numpy()] = data.items["text"].to_numpy(dtype=object)
+        texts = lut[items]
+    else:
+        raise UseripError(
+            "mode='review' needs text, but this dataset has no text column; prepare it with "
+            "columns.interactions.text (e.g. review text) or columns.items.text in the config"
+        )
+    out: dict[int, list[str]] = {}
+    for s, e in zip(starts, ends, strict=True):
+        win = []
+        for t in texts[s:e]:
+            if t is None or (isinstance(t, float) and np.isnan(t)) or not str(t).strip():
+                continue
+            t = " ".join(str(t).split())
+            win.append(truncate_tokens(t, max_tokens, tokenizer) if max_tokens is not None else t)
+        if win:
+            out[int(users[s])] = win
+    return out
