@@ -185,12 +185,79 @@ def bank_info(bank: str = typer.Option(..., "--bank", help="Bank file path or UR
 
 
 # ---------------------------------------------------------------- ctr
-# (section owned by the ctr stage; add its commands here)
+@ctr_app.command("train")
+@_friendly
+def ctr_train(
+    data: Path = typer.Option(..., "--data", help="Prepared data directory."),
+    bank: str = typer.Option(..., "--bank", help="Feature bank (path or URL)."),
+    profiles: Path | None = typer.Option(None, "--profiles", help="Profile run dir: adds the +theta variant."),
+    backbones: str = typer.Option("dcn,deepfm,dcnv2,autoint,din", "--backbones", help="Comma list."),
+    seeds: int = typer.Option(5, "--seeds", help="Number of seeds (0..N-1), paired across variants."),
+    out: Path = typer.Option(..., "--out", help="Output dir: results.json, results.md, models/."),
+    variants: str | None = typer.Option(
+        None, "--variants", help="Comma list of base,+ids,+ids-permuted,+activity,+theta (default: all usable)."
+    ),
+    settings: str = typer.Option("with_user_id,no_user_id", "--settings", help="Comma list."),
+    max_epochs: int = typer.Option(20, "--max-epochs"),
+    batch_size: int = typer.Option(4096, "--batch-size"),
+    lr: float = typer.Option(3e-3, "--lr"),
+    threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: torch's)."),
+) -> None:
+    """Train CTR backbones with and without the profile IDs (and controls); print the lift table."""
+    from userip.ctr import train_ctr
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    train_ctr(
+        data, bank, profiles, backbones=backbones, seeds=seeds, out=out, variants=variants, settings=settings,
+        max_epochs=max_epochs, batch_size=batch_size, lr=lr,
+    )
+    console.print((out / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
 # ---------------------------------------------------------------- end ctr
 
 
 # ---------------------------------------------------------------- explain
-# (section owned by the explain stage; add its commands here)
+@app.command("explain")
+@_friendly
+def explain_cmd(
+    profiles: Path = typer.Argument(..., help="A PROFILES directory (userip profile fit)."),
+    data: Path | None = typer.Option(None, "--data", help="Prepared data dir (default: the one in config.yaml)."),
+    out: Path | None = typer.Option(None, "--out", help="explanations.json path (default: PROFILES/)."),
+    model: str | None = typer.Option(None, "--model", help="LLM (default: the model in config.yaml)."),
+    top_k: int = typer.Option(10, "--top-k", help="Nearest vocabulary tokens per code."),
+    suffix: str | None = typer.Option(None, "--suffix", help="Text after the profile slots for the phrase."),
+    max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens per phrase."),
+    min_users: int = typer.Option(5, "--min-users", help="Support for a title: code users who watched it."),
+    min_interactions: int = typer.Option(20, "--min-interactions", help="Support for a genre: interactions."),
+    probe: bool = typer.Option(False, "--probe", help="Also run the validity probe (age, gender, occupation)."),
+) -> None:
+    """Explain each profile code: nearest tokens, a decoded phrase, over-represented genres and titles."""
+    from rich.markdown import Markdown
+
+    from userip.explain import DEFAULT_SUFFIX, explain, explanations_markdown
+
+    llm = None
+    if model is not None:
+        from userip.llm import load_llm
+
+        llm = load_llm(model)
+    path = out or profiles / "explanations.json"
+    path = path / "explanations.json" if path.is_dir() else path
+    expl = explain(profiles, data, llm=llm, top_k=top_k, suffix=suffix or DEFAULT_SUFFIX,
+                   max_new_tokens=max_new_tokens, min_users=min_users, min_interactions=min_interactions, out=path)
+    text = explanations_markdown(expl)
+    if probe:
+        from userip.explain import probe_markdown, probe_profiles
+        from userip.io import write_json
+
+        table = probe_profiles(profiles, expl["data_dir"])
+        expl["probe"] = table.to_dict(orient="records")
+        write_json(path, expl)
+        text += "\n\n## Validity probe\n\n" + probe_markdown(table) + "\n"
+    console.print(Markdown(text))
+    console.print(f"wrote {path}")
 # ---------------------------------------------------------------- end explain
 
 
