@@ -169,6 +169,20 @@ def test_planted_signal_ids_lift_and_permuted_does_not(planted):
     assert d["base"] > 0.1 and d["+ids-permuted"] > 0.1
 
 
+def test_extra_feature_sources_are_variants_in_the_same_harness(planted):
+    """Baselines enter the table as variants: a source holding the planted group lifts, noise does not."""
+    splits, group, activity = planted
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(len(group), 4)).astype(np.float32)
+    df = _run(splits, group, activity, backbones=["dcn"], seeds=[0], settings=["no_user_id"],
+              variants=["base", "+group-ids", "+noise-dense"], max_epochs=20,
+              extra_ids={"+group-ids": (group.reshape(-1, 1), [int(group.max())])},
+              extra_dense={"+noise-dense": noise})
+    auc = df[df["slice"] == "all"].set_index("variant")["auc"]
+    assert auc["+group-ids"] > auc["base"] + 0.1, auc.to_dict()
+    assert abs(auc["+noise-dense"] - auc["base"]) < 0.05, auc.to_dict()
+
+
 def test_permutation_is_label_blind_and_keeps_the_tuples():
     rng = np.random.default_rng(0)
     ids = np.r_[[[0, 0]], np.stack([rng.integers(1, 5, 50), rng.integers(1, 4, 50)], axis=1)]

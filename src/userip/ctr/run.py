@@ -230,8 +230,13 @@ def run_ctr_table(
     patience: int = 2,
     progress: bool = True,
     meta: dict | None = None,
+    extra_ids: dict[str, tuple[np.ndarray, Sequence[int]]] | None = None,
+    extra_dense: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Train every (backbone, setting, variant, seed) and return one row per run and test slice.
+
+    ``extra_ids`` / ``extra_dense`` add competing user features as more variants in the same harness (the
+    baselines): ``{"+content-ids": (ids [n_users+1, j], sizes)}`` and ``{"+text-dense": array [n_users+1, d]}``.
 
     ``train``/``val``/``test`` are ``CTRExamples`` (or dicts with the same fields). ``ids`` is
     ``[n_users+1, m]`` (row = user_idx, row 0 = unknown) with column ``j`` in ``0..id_sizes[j]``;
@@ -245,8 +250,11 @@ def run_ctr_table(
     seeds = list(range(int(seeds))) if isinstance(seeds, int | np.integer) else [int(s) for s in seeds]
     if not seeds:
         raise UseripError("no seeds given")
-    default_variants = [v for v in VARIANTS if v != "+theta" or theta is not None]
-    variants = _as_list(variants or default_variants, "variants", VARIANTS)
+    extra_ids, extra_dense = dict(extra_ids or {}), dict(extra_dense or {})
+    default_variants = [v for v in VARIANTS if v != "+theta" or theta is not None] + list(extra_ids) + list(
+        extra_dense
+    )
+    variants = _as_list(variants or default_variants, "variants", (*VARIANTS, *extra_ids, *extra_dense))
     settings = _as_list(settings, "settings", SETTINGS)
     if "+theta" in variants and theta is None:
         raise UseripError("variant '+theta' needs theta (the personal soft tokens, e.g. from --profiles)")
@@ -286,6 +294,22 @@ def run_ctr_table(
             fields.append(Field("theta", "dense", dim=theta_t.shape[1]))
             for inp, u in zip(inputs, users_t, strict=True):
                 inp["theta"] = RowLookup(theta_t, u)
+        elif variant in extra_ids:
+            table, sizes = extra_ids[variant]
+            table_t = torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64))
+            for j, size in enumerate(sizes):
+                name = f"extra:{variant.lstrip('+')}:{j}"
+                fields.append(Field(name, "categorical", vocab=int(size) + 1))
+                for inp, u in zip(inputs, users_t, strict=True):
+                    inp[name] = table_t[u, j]
+        elif variant in extra_dense:
+            dense = np.asarray(extra_dense[variant], dtype=np.float32)
+            dense = dense / (dense.std() + 1e-8)  # one global scale, as for +theta
+            dense_t = torch.from_numpy(np.ascontiguousarray(dense.reshape(dense.shape[0], -1)))
+            name = f"extra:{variant.lstrip('+')}"
+            fields.append(Field(name, "dense", dim=dense_t.shape[1]))
+            for inp, u in zip(inputs, users_t, strict=True):
+                inp[name] = RowLookup(dense_t, u)
         return FeatureSpec(fields), inputs
 
     hp_all = dict(model_hparams or {})
@@ -556,6 +580,8 @@ def train_ctr(
         "profiles": str(profiles_dir) if profiles_dir else None,
         "data_fingerprint": data_fp,
         "profile_names": names,
+        "codebook_hash": bank_meta.get("codebook_hash"),  # serving refuses a bank with other codebooks
+        "history_len": history_len,  # serving rebuilds the history field with the same length
     }
     return run_ctr_table(
         train,
