@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean redis-server
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/userip run
 
-test: $(STAMP)
+# The Redis feature-bank tests start their own throwaway redis-server on a free 127.0.0.1 port
+# (tests/redis_server.py); this only makes sure the binary is there (as root, like CI).
+redis-server:
+	command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
+
+test: $(STAMP) redis-server
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 

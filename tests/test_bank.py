@@ -1,7 +1,8 @@
 """Feature bank: build/get round trip, meta, Parquet round trip, validation, atomic rebuilds, CLI.
 
-Backend-specific details stay behind the ``bank_factory`` fixture, so a new backend (Redis) is one more
-fixture parameter.
+Backend-specific details stay behind the ``bank_factory`` fixture, parametrised over SQLite and Redis (a real
+``redis-server`` on a free loopback port, started once per session by ``redis_server.py``); tests named
+``test_sqlite_*`` / ``test_redis_*`` cover what only one backend has.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import yaml
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
+from redis_server import closed_port, redis_session, require_redis_server
 from userip.bank import (
     BANK_FORMAT_VERSION,
     FeatureBank,
@@ -27,6 +30,7 @@ from userip.bank import (
     import_parquet,
     open_bank,
 )
+from userip.bank.redis_backend import parse_redis_url
 from userip.cli import app
 from userip.errors import InputError, UseripError
 
@@ -68,18 +72,71 @@ def write_profiles_dir(
     return root
 
 
-@pytest.fixture(params=["sqlite"])
-def bank_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], str]:
-    """Returns ``name -> bank location`` for the backend under test (a fresh location per name)."""
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL ``redis://127.0.0.1:P/0`` of a real server (ours, or ``USERIP_REDIS_URL``) for the session."""
+    yield from redis_session(tmp_path_factory.mktemp("redis-server"))
+
+
+def _redis_client(url: str):
+    import redis
+
+    loc = parse_redis_url(url)
+    return redis.Redis(host=loc.host, port=loc.port, db=loc.db, socket_connect_timeout=2, socket_timeout=10)
+
+
+def _redis_keys(url: str) -> set[str]:
+    """Keys of the bank named in ``url`` (test servers are small: a bounded SCAN)."""
+    name = parse_redis_url(url).name
+    with _redis_client(url) as client:
+        return {k.decode() for k in client.scan_iter(match=f"userip:{{{name}}}:*", count=1000)}
+
+
+def _redis_leftovers(url: str) -> list[str]:
+    """Keys of the bank other than the pointer, the counter and the live build's."""
+    name = parse_redis_url(url).name
+    keys = _redis_keys(url)
+    with _redis_client(url) as client:
+        live = client.get(f"userip:{{{name}}}:current")
+    expected = {f"userip:{{{name}}}:{k}" for k in ("current", "seq")}
+    if live is not None:
+        expected |= {f"userip:{{{name}}}:v{live.decode()}:{k}" for k in ("meta", "ids")}
+    return sorted(keys - expected)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def bank_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """Returns ``name -> bank location`` for the backend under test (a fresh location per name).
+
+    Also ``.backend``, ``.exists(loc)`` (anything stored there?) and ``.leftovers(loc)`` (what a finished
+    build should not have left beside the live bank: temp files, or keys of other versions).
+    """
     backend = request.param
+    token = f"t{uuid.uuid4().hex[:12]}"
+    base = request.getfixturevalue("redis_url") if backend == "redis" else ""
 
     def make(name: str = "bank") -> str:
         if backend == "sqlite":
             return str(tmp_path / "banks" / f"{name}.sqlite")
-        raise AssertionError(backend)  # pragma: no cover
+        return f"{base}?name={token}-{name}"
+
+    def exists(loc: str) -> bool:
+        return os.path.exists(loc) if backend == "sqlite" else bool(_redis_keys(loc))
+
+    def leftovers(loc: str) -> list[str]:
+        if backend == "sqlite":
+            return sorted(p.name for p in Path(loc).parent.iterdir() if p.name != Path(loc).name)
+        return _redis_leftovers(loc)
 
     make.backend = backend  # type: ignore[attr-defined]
-    return make
+    make.exists = exists  # type: ignore[attr-defined]
+    make.leftovers = leftovers  # type: ignore[attr-defined]
+    yield make
+    if backend == "redis":
+        with _redis_client(base) as client:
+            stale = list(client.scan_iter(match=f"userip:{{{token}-*", count=1000))
+            if stale:
+                client.delete(*stale)
 
 
 @pytest.fixture
@@ -302,7 +359,7 @@ def test_invalid_profiles_dir(profiles_dir: Path, bank_factory, mutate, pattern:
     mutate(profiles_dir)
     with pytest.raises(UseripError, match=pattern):
         build_bank(profiles_dir, bank_factory())
-    assert not os.path.exists(bank_factory())  # nothing half-built left behind
+    assert not bank_factory.exists(bank_factory())  # nothing half-built left behind
 
 
 def test_invalid_build_arguments(bank_factory) -> None:
@@ -324,7 +381,8 @@ def test_invalid_build_arguments(bank_factory) -> None:
         with pytest.raises(InputError, match="ID 3 outside 0..2"):
             bank.build(table.assign(hobby=[1, 3]), good)
         assert bank.get(["b"]).tolist() == [[2]]
-    assert [p.name for p in Path(bank_factory()).parent.iterdir()] == [Path(bank_factory()).name]
+    assert bank_factory.exists(bank_factory())
+    assert bank_factory.leftovers(bank_factory()) == []
 
 
 def test_open_bank_locations(tmp_path: Path, profiles_dir: Path) -> None:
@@ -338,8 +396,6 @@ def test_open_bank_locations(tmp_path: Path, profiles_dir: Path) -> None:
             assert bank.profile_names == ["hobby", "background"]
     finally:
         os.chdir(cwd)
-    with pytest.raises(UseripError, match="Redis.*not available yet"):
-        open_bank("redis://localhost:6379/0")
     with pytest.raises(UseripError, match="unknown feature-bank scheme 'ftp://'"):
         open_bank("ftp://host/bank")
     with pytest.raises(UseripError, match="no feature bank here"):
@@ -442,14 +498,17 @@ def test_rebuild_is_atomic_for_concurrent_readers(bank_factory) -> None:
             t.join(10)
     assert not errors, errors
     assert set(seen) <= set(range(1, 7))
-    assert pinned.get(users[:3]).tolist() == [[1, 1]] * 3  # old handle: old build, whole
+    if bank_factory.backend == "sqlite":
+        assert pinned.get(users[:3]).tolist() == [[1, 1]] * 3  # old handle: old build, whole
+    else:  # Redis deletes a replaced build's keys: a pinned handle says so instead of serving zeros
+        with pytest.raises(UseripError, match=r"v\d+ that this handle was opened on has been replaced and deleted"):
+            pinned.get(users[:3])
     with open_bank(loc) as fresh:
         assert fresh.get(users[:3]).tolist() == [[6, 6]] * 3
         assert fresh.meta()["n_users"] == len(users)
     for b in (pinned, writer, shared):
         b.close()
-    leftovers = [p.name for p in Path(loc).parent.iterdir() if p.name != Path(loc).name]
-    assert leftovers == []
+    assert bank_factory.leftovers(loc) == []
 
 
 def test_reload_picks_up_changed_profiles(tmp_path: Path, bank_factory) -> None:
@@ -506,7 +565,184 @@ def test_cli_errors_are_friendly(tmp_path: Path, profiles_dir: Path) -> None:
     )
     assert res.exit_code == 2
     assert "config.yaml" in res.output and "Traceback" not in res.output
-    res = runner.invoke(app, ["bank", "get", "--bank", "redis://localhost/0", "u1"])
-    assert res.exit_code == 2 and "not available yet" in res.output
+    port = closed_port()
+    res = runner.invoke(app, ["bank", "get", "--bank", f"redis://127.0.0.1:{port}/0", "u1"])
+    assert res.exit_code == 2 and "cannot reach the Redis server" in res.output, res.output
+    assert f"127.0.0.1:{port}" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["bank", "info", "--bank", str(tmp_path / "none.sqlite")])
     assert res.exit_code == 2 and "no feature bank" in res.output
+
+
+# ---------------------------------------------------------------- Redis only
+REDIS_ONLY = pytest.mark.parametrize("bank_factory", ["redis"], indirect=True)
+
+
+def _redis_table(n: int = 6, v: int = 1) -> tuple[pd.DataFrame, dict]:
+    table = pd.DataFrame({"user_id": [f"u{i}" for i in range(1, n + 1)], "hobby": [v] * n, "background": [v] * n})
+    meta = {"profiles": [{"name": "hobby", "size": 8}, {"name": "background", "size": 4}], "data_fingerprint": "fp"}
+    return table, meta
+
+
+def test_redis_url_parsing() -> None:
+    loc = parse_redis_url("redis://127.0.0.1:7000/3?name=ml100k")
+    assert (loc.host, loc.port, loc.db, loc.name) == ("127.0.0.1", 7000, 3, "ml100k")
+    loc = parse_redis_url("redis://localhost")
+    assert (loc.host, loc.port, loc.db, loc.name, loc.connect_timeout) == ("localhost", 6379, 0, "default", 1.0)
+    loc = parse_redis_url("redis://:s3cret@[::1]:7001/2?connect_timeout=0.25&timeout=5")
+    assert (loc.host, loc.port, loc.password, loc.connect_timeout, loc.timeout) == ("::1", 7001, "s3cret", 0.25, 5)
+    assert "s3cret" not in loc.url and loc.url == "redis://:***@[::1]:7001/2?name=default"
+    bad = {
+        "redis://h:99999/0": "port must be a number",
+        "redis://h:1/zero": "database number",
+        "redis://h:1/0/x": "database number",
+        "redis://h:1/0?db=1": r"unknown parameter\(s\) \['db'\]",
+        "redis://h:1/0?name=a:b": "bank name 'a:b'",
+        "redis://h:1/0?name=": "bank name ''",
+        "redis://h:1/0?name=a&name=b": "'name' given twice",
+        "redis://h:1/0?timeout=-1": "timeout must be seconds",
+        "redis://h:1/0#frag": "unexpected '#frag'",
+        "redis://:pw@h:1/x": r"'redis://:\*\*\*@h:1/x'",
+    }
+    for url, pattern in bad.items():
+        with pytest.raises(UseripError, match=pattern):
+            open_bank(url)
+
+
+def test_redis_unreachable_server_names_the_url(tmp_path: Path, profiles_dir: Path) -> None:
+    """A closed loopback port fails fast (connect timeout, no retry backoff) with the URL in the message."""
+    url = f"redis://127.0.0.1:{closed_port()}/0?name=x"
+    for call in (lambda: open_bank(url), lambda: open_bank(url, create=True), lambda: build_bank(profiles_dir, url)):
+        t0 = time.monotonic()
+        with pytest.raises(UseripError, match=r"redis://127\.0\.0\.1:\d+/0\?name=x: cannot reach the Redis server"):
+            call()
+        assert time.monotonic() - t0 < 5
+
+
+def test_redis_key_layout_and_versions(redis_url: str) -> None:
+    """Each build is a new version prefix; the pointer moves in one step; the old version's keys are deleted."""
+    url = f"{redis_url}?name=t{uuid.uuid4().hex[:12]}"
+    name = parse_redis_url(url).name
+    table, meta = _redis_table()
+    client = _redis_client(url)
+    try:
+        with open_bank(url, create=True) as bank:
+            bank.build(table, meta)
+            v1 = int(client.get(f"userip:{{{name}}}:current"))
+            live = ("current", "seq", f"v{v1}:meta", f"v{v1}:ids")
+            assert _redis_keys(url) == {f"userip:{{{name}}}:{k}" for k in live}
+            bank.build(table.assign(hobby=2), meta)
+            v2 = int(client.get(f"userip:{{{name}}}:current"))
+            assert v2 > v1
+            live = ("current", "seq", f"v{v2}:meta", f"v{v2}:ids")
+            assert _redis_keys(url) == {f"userip:{{{name}}}:{k}" for k in live}
+            for suffix in ("meta", "ids"):
+                assert client.ttl(f"userip:{{{name}}}:v{v2}:{suffix}") == -1  # live keys never expire
+            fields = client.hgetall(f"userip:{{{name}}}:v{v2}:meta")
+            assert set(fields) == {b"format", b"meta", b"names", b"code_counts"}
+            assert client.hlen(f"userip:{{{name}}}:v{v2}:ids") == len(table)
+            assert bank.get(["u1"]).tolist() == [[2, 1]]
+    finally:
+        stale = list(client.scan_iter(match=f"userip:{{{name}}}:*"))
+        if stale:
+            client.delete(*stale)
+        client.close()
+
+
+@REDIS_ONLY
+def test_redis_failed_build_leaves_live_bank(bank_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build that dies before the switch deletes its pending keys (they also carry a TTL meanwhile)."""
+    from userip.bank.redis_backend import RedisBank
+
+    loc = bank_factory()
+    table, meta = _redis_table()
+    bank = open_bank(loc, create=True)
+    bank.build(table, meta)
+    ttls: list[int] = []
+
+    def crash(self, version: int) -> int | None:
+        ttls.append(self._client.ttl(self._keys.meta(version)))
+        ttls.append(self._client.ttl(self._keys.ids(version)))
+        raise RuntimeError("crash before the switch")
+
+    monkeypatch.setattr(RedisBank, "_switch", crash)
+    with pytest.raises(RuntimeError, match="crash before the switch"):
+        bank.build(table.assign(hobby=5), meta)
+    assert len(ttls) == 2 and all(t > 0 for t in ttls), ttls
+    assert bank_factory.leftovers(loc) == []
+    assert bank.get(["u1"]).tolist() == [[1, 1]]
+    bank.close()
+
+
+@REDIS_ONLY
+def test_redis_get_is_one_round_trip(bank_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from redis.connection import AbstractConnection
+
+    loc = bank_factory()
+    table, meta = _redis_table(n=20)
+    bank = open_bank(loc, create=True)
+    bank.build(table, meta)
+    sent = []
+    original = AbstractConnection.send_packed_command
+
+    def counting(self, command, check_health=True):
+        sent.append(1)
+        return original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    for n in (1, 512, 20000):  # 20000 > one HMGET chunk: still one MULTI/EXEC
+        sent.clear()
+        got = bank.get([f"u{i % 25}" for i in range(n)])
+        assert len(sent) == 1, (n, len(sent))
+        assert got.shape == (n, 2) and got[0].tolist() == [0, 0]
+    bank.close()
+
+
+@REDIS_ONLY
+def test_redis_pinned_handle_and_names_are_separate(bank_factory) -> None:
+    """reload=False serves its build until a rebuild deletes it; two names in one db never see each other."""
+    table, meta = _redis_table()
+    a, b = bank_factory("a"), bank_factory("b")
+    with open_bank(a, create=True) as bank_a, open_bank(b, create=True) as bank_b:
+        bank_a.build(table, meta)
+        bank_b.build(table.assign(hobby=7), meta)
+        pinned = open_bank(a, reload=False)
+        assert pinned.get(["u1"]).tolist() == [[1, 1]]
+        assert bank_b.get(["u1"]).tolist() == [[7, 1]]
+        bank_a.build(table.assign(hobby=3), meta)
+        with pytest.raises(UseripError, match="replaced and deleted; open the bank again"):
+            pinned.get(["u1"])
+        assert pinned.meta()["n_users"] == 6  # the meta it opened stays readable
+        pinned.close()
+        assert bank_b.get(["u1"]).tolist() == [[7, 1]]
+        with open_bank(a) as fresh:
+            assert fresh.get(["u1"]).tolist() == [[3, 1]]
+    with pytest.raises(UseripError, match="no feature bank named .*-c' in this Redis database"):
+        open_bank(bank_factory("c"))
+
+
+@REDIS_ONLY
+def test_redis_refuses_keys_that_are_not_a_bank(bank_factory, profiles_dir: Path) -> None:
+    """A name whose pointer holds something else is not overwritten by a build."""
+    loc = bank_factory()
+    name = parse_redis_url(loc).name
+    with _redis_client(loc) as client:
+        client.set(f"userip:{{{name}}}:current", "not-a-version")
+        with pytest.raises(UseripError, match="not a userip feature bank"):
+            build_bank(profiles_dir, loc)
+        assert client.get(f"userip:{{{name}}}:current") == b"not-a-version"
+        client.delete(f"userip:{{{name}}}:current")
+        client.hset(f"userip:{{{name}}}:current", "x", "1")
+        with pytest.raises(UseripError, match="not a userip feature bank"):
+            open_bank(loc)
+
+
+def test_redis_server_missing_fails_in_ci_skips_locally(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="redis-server not found"):
+        require_redis_server()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="redis-server not found"):
+        require_redis_server()

@@ -1,7 +1,8 @@
 """Feature bank: user id -> one small int per profile, read online by the CTR model without an LLM call.
 
 ``protocol`` holds the backend-neutral contract and checks, ``api`` the entry points and URL dispatch,
-``sqlite`` the default backend. Nothing here imports torch, so serving a bank stays light.
+``sqlite`` the default backend (a file), ``redis_backend`` the shared one (``redis://host:port/db?name=bank``,
+imported only when such a URL is opened). Nothing here imports torch, so serving a bank stays light.
 """
 
 from userip.bank.api import build_bank, import_parquet, open_bank, read_profiles_dir

@@ -1,7 +1,7 @@
 """Entry points of the bank stage: URL dispatch, building from a PROFILES dir, Parquet import.
 
-Kept apart from the backends so adding one (Redis: ``redis://host:port/db``) is a new module plus one branch
-in ``_backend_for``; callers only ever see ``FeatureBank``.
+Kept apart from the backends: a location is a SQLite path / ``sqlite:///path`` or a Redis URL
+``redis://host:port/db?name=bank`` (``redis_backend``); callers only ever see ``FeatureBank``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from userip.errors import InputError, UseripError
 __all__ = ["build_bank", "import_parquet", "open_bank", "read_profiles_dir"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_SUPPORTED = "a file path or sqlite:///path (redis:// is planned)"
+_SUPPORTED = "a file path, sqlite:///path or redis://host:port/db[?name=bank]"
 
 
 def _backend_for(url_or_path: str | os.PathLike) -> tuple[str, str]:
@@ -49,9 +49,7 @@ def _backend_for(url_or_path: str | os.PathLike) -> tuple[str, str]:
             )
         return "sqlite", rest[1:]
     if scheme == "redis":
-        raise UseripError(
-            f"the Redis feature-bank backend is not available yet ({url_or_path}); use a SQLite path or sqlite:///path"
-        )
+        return "redis", url_or_path
     raise UseripError(f"unknown feature-bank scheme '{scheme}://' in {url_or_path!r}; expected {_SUPPORTED}")
 
 
@@ -65,6 +63,10 @@ def open_bank(url_or_path: str | os.PathLike, *, create: bool = False, reload: b
         from userip.bank.sqlite import SQLiteBank
 
         return SQLiteBank(location, create=create, reload=reload)
+    if backend == "redis":
+        from userip.bank.redis_backend import RedisBank
+
+        return RedisBank(location, create=create, reload=reload)
     raise AssertionError(backend)  # pragma: no cover - _backend_for only returns known backends
 
 

@@ -7,6 +7,7 @@ crash never leaves a half-written directory that a later stage could mistake for
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -156,8 +157,13 @@ def prepare(
     users: PathLike | None = None,
     config: DataConfig | PathLike | dict | None = None,
     source: PathLike | None = None,
+    max_users: int | None = None,
+    seed: int = 0,
 ) -> PreparedData:
     """Load a dataset, re-index ids, label, split, and write the DATA dir ``out`` atomically.
+
+    ``max_users`` keeps a seeded random subset of users (and their interactions): a small slice for a quick
+    first look (`userip run --quick`) that every later stage sees consistently.
 
     Either ``dataset="ml-100k"`` (fetched and cached; ``source`` = a local copy to use instead) or your own
     ``interactions`` + ``items`` (+ ``users``) files with the column mapping of ``config``. All input checks
@@ -189,10 +195,25 @@ def prepare(
         raw = read_generic(interactions, items, users, cfg)
         name = Path(interactions).stem
 
+    if max_users:
+        raw = subset_users(raw, int(max_users), seed)
+        name = f"{name}-{int(max_users)}users-seed{seed}"
     data = build(raw, cfg, name)
     write_prepared(data, out)
     data.path = Path(out)
     return data
+
+
+def subset_users(raw: RawTables, n: int, seed: int) -> RawTables:
+    """Keep ``n`` users drawn with ``seed`` (all of them when there are fewer)."""
+    users = np.array(sorted(raw.interactions["user_id"].unique()))
+    if n >= len(users):
+        return raw
+    keep = set(np.random.default_rng(seed).choice(users, size=n, replace=False).tolist())
+    inter = raw.interactions[raw.interactions["user_id"].isin(keep)].reset_index(drop=True)
+    items = raw.items
+    user_table = None if raw.users is None else raw.users[raw.users["user_id"].isin(keep)].reset_index(drop=True)
+    return dataclasses.replace(raw, interactions=inter, items=items, users=user_table)
 
 
 def resolve_config(config: DataConfig | PathLike | dict | None, dataset: str | None) -> DataConfig:
