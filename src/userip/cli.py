@@ -262,12 +262,56 @@ def explain_cmd(
 
 
 # ---------------------------------------------------------------- run
-# (section owned by the run stage; add its commands here)
+@app.command("run")
+@_friendly
+def run_cmd(
+    config: Path | None = typer.Option(None, "--config", help="Run config (default configs/ml-100k.yaml)."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<config name>)."),
+    quick: bool = typer.Option(False, "--quick", help="A small slice for a first look in a few minutes."),
+    seed: int | None = typer.Option(None, "--seed", help="Fixes every RNG of every stage."),
+) -> None:
+    """The main job: data -> profiles -> bank -> explain -> baselines -> CTR -> probe -> report."""
+    from rich.markdown import Markdown
+
+    from userip.report import headline
+    from userip.run import run
+
+    record = run(config, out, quick=quick, seed=seed)
+    run_dir = Path(out) if out is not None else Path("runs") / record["name"]
+    console.rule("summary")
+    console.print(Markdown("\n".join(f"- {line}" for line in headline(run_dir))))
+    for name, st in record["stages"].items():
+        console.print(f"  {name:<10} {st['wall_s']:>8.1f} s  {st['peak_rss_mb']:>7.0f} MB")
+    console.print(f"report: {run_dir / 'report.md'} and {run_dir / 'report.html'}")
+
+
 # ---------------------------------------------------------------- end run
 
 
 # ---------------------------------------------------------------- serve
-# (section owned by the serve stage; add its commands here)
+@app.command("serve")
+@_friendly
+def serve_cmd(
+    bank: str = typer.Option(..., "--bank", help="Feature bank (path or URL) the model reads profile IDs from."),
+    ctr: Path = typer.Option(..., "--ctr", help="CTR dir (`userip ctr train --out`): results.json, models/."),
+    data: Path | None = typer.Option(None, "--data", help="Prepared data dir (default: the one in results.json)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    backbone: str | None = typer.Option(
+        None, "--backbone", help="Model under CTR/models (default: the first trained with +ids)."
+    ),
+    explanations: Path | None = typer.Option(
+        None, "--explanations", help="explanations.json (default: looked up next to the bank / run dir)."
+    ),
+    max_batch: int = typer.Option(1000, "--max-batch", min=1, help="Most item ids per score request."),
+    history: str = typer.Option("all", "--history", help="User history for DIN/history fields: all or train."),
+    access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="Log every request."),
+) -> None:
+    """Serve CTR scores over HTTP from the trained model and the bank (no LLM call)."""
+    from userip.serve import serve
+
+    serve(bank, ctr, data, backbone, host=host, port=port, max_batch=max_batch, explanations=explanations,
+          history=history, access_log=access_log)
 # ---------------------------------------------------------------- end serve
 
 

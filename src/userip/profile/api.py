@@ -120,7 +120,7 @@ def write_outputs(out: Path, fitter: ProfileFitter, data, cfg: ProfileConfig, mo
         "profiles": [{"name": p.name, "n_tokens": p.n_tokens, "codebook_size": p.codebook_size}
                      for p in cfg.profiles],
         "data_fingerprint": data.fingerprint,
-        "data_dir": str(getattr(data, "root", "")),
+        "data_dir": str(getattr(data, "path", "") or ""),
         "hidden_size": fitter.profiles.hidden,
         "profile": cfg.to_dict(),
     }
