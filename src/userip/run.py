@@ -1,0 +1,249 @@
+"""The main job: every stage in order, each skipped when its outputs exist and match the config.
+
+    data -> profiles -> bank -> explain -> baselines -> ctr -> probe -> report
+
+(Baselines run before the CTR table so their rows sit in the same harness, same split and seeds.)
+A stage's key is a hash of its config section and the keys of the stages it reads, so editing the CTR
+section reruns only ctr, probe and report; a crash mid-stage reruns that stage (the profile fit itself
+resumes from its epoch checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from userip.errors import UseripError
+from userip.io import read_json, read_yaml, write_json, write_yaml
+from userip.monitor import measure
+
+log = logging.getLogger(__name__)
+console = Console()
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ml-100k.yaml"
+STAGES = ("data", "profiles", "bank", "explain", "baselines", "ctr", "probe", "report")
+# which config sections and upstream stages each stage depends on
+DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "data": (("data", "users", "seed"), ()),
+    "profiles": (("model", "profile", "seed"), ("data",)),
+    "bank": ((), ("profiles",)),
+    "explain": (("explain",), ("profiles",)),
+    "baselines": (("baselines", "model", "seed"), ("data", "profiles")),
+    "ctr": (("ctr",), ("bank", "baselines")),
+    "probe": (("seed",), ("profiles", "baselines")),
+    "report": (("report",), ("ctr", "explain", "probe")),
+}
+
+
+def load_run_config(path: str | Path | None = None, quick: bool = False, **overrides: Any) -> dict[str, Any]:
+    """The run config: a YAML file with one section per stage; ``quick`` merges its `quick:` section."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.exists():
+        raise UseripError(f"config {path}: not found")
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise UseripError(f"config {path}: expected a YAML mapping of sections")
+    cfg: dict[str, Any] = {"name": path.stem, "seed": 0, "users": 0, "model": "smollm2-135m", "data": {},
+                           "profile": {}, "ctr": {}, "baselines": {}, "explain": {}, "report": {}}
+    quick_section = raw.pop("quick", {}) or {}
+    cfg = _merge(cfg, raw)
+    if quick:
+        cfg = _merge(cfg, quick_section)
+        cfg["name"] = f"{cfg['name']}-quick"
+    cfg = _merge(cfg, {k: v for k, v in overrides.items() if v is not None})
+    cfg["config_path"] = str(path)
+    return cfg
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _key(cfg: dict[str, Any], stage: str, keys: dict[str, str]) -> str:
+    sections, upstream = DEPENDS[stage]
+    blob = {"sections": {s: cfg.get(s) for s in sections}, "upstream": {u: keys[u] for u in upstream}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Runner:
+    """Holds the run directory, config and the lazily loaded LLM shared by the stages that need it."""
+
+    def __init__(self, cfg: dict[str, Any], out: Path, progress: bool = True) -> None:
+        self.cfg, self.out, self.progress = cfg, out, progress
+        self._llm = None
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            from userip.llm import load_llm
+
+            p = self.cfg.get("profile", {})
+            self._llm = load_llm(self.cfg["model"], dtype=p.get("dtype", "auto"), device=p.get("device", "cpu"))
+        return self._llm
+
+    # ---------------------------------------------------------------- stages
+    def data(self) -> dict[str, Any]:
+        from userip.data import prepare
+
+        d = prepare(self.out / "data", config=self.cfg["data"] or None, max_users=self.cfg["users"] or None,
+                    seed=self.cfg["seed"])
+        return {"users": d.n_users, "items": d.n_items, "interactions": len(d.interactions)}
+
+    def profiles(self) -> dict[str, Any]:
+        from userip.profile import ProfileConfig, fit_profiles
+
+        pcfg = ProfileConfig.from_dict({"seed": self.cfg["seed"], **self.cfg["profile"]})
+        m = fit_profiles(self.out / "data", self.out / "profiles", model=self.cfg["model"], config=pcfg,
+                         llm=self.llm, progress=self.progress)
+        return {"best_epoch": m["best_epoch"], "final": _compact_final(m["final"])}
+
+    def bank(self) -> dict[str, Any]:
+        from userip.bank import build_bank
+
+        b = build_bank(self.out / "profiles", self.out / "bank.sqlite")
+        return {"users": b.meta().get("n_users")}
+
+    def explain(self) -> dict[str, Any]:
+        from userip.explain import explain
+
+        e = explain(self.out / "profiles", self.out / "data", llm=self.llm, out=self.out / "explanations.json",
+                    **self.cfg["explain"])
+        return {"profiles": list(e.get("profiles", {}))}
+
+    def baselines(self) -> dict[str, Any]:
+        from userip.baselines import content_kmeans_baseline, save_baseline, text_profile_baseline
+        from userip.data import load_prepared
+
+        bcfg = dict(self.cfg["baselines"])
+        data = load_prepared(self.out / "data")
+        cards = _cardinalities(self.out / "profiles")
+        info: dict[str, Any] = {}
+        if bcfg.pop("content_kmeans", True):
+            f = content_kmeans_baseline(data, cards, seed=self.cfg["seed"])
+            save_baseline(f, self.out / "baselines" / "content-kmeans")
+            info["content-kmeans"] = f.meta
+        if bcfg.pop("text_profile", True):
+            f = text_profile_baseline(data, self.llm, cards, seed=self.cfg["seed"],
+                                      cache_dir=self.out / "baselines" / "cache", **bcfg)
+            save_baseline(f, self.out / "baselines" / "text-profile")
+            info["text-profile"] = f.meta
+        return info
+
+    def ctr(self) -> dict[str, Any]:
+        from userip.ctr import train_ctr
+
+        c = dict(self.cfg["ctr"])
+        extra_ids, extra_dense = self._baseline_features(c.pop("baseline_dense", True))
+        df = train_ctr(self.out / "data", self.out / "bank.sqlite", self.out / "profiles", out=self.out / "ctr",
+                       progress=self.progress, extra_ids=extra_ids, extra_dense=extra_dense, **c)
+        return {"runs": int(len(df) // max(df["slice"].nunique(), 1))}
+
+    def _baseline_features(self, with_dense: bool):
+        from userip.baselines import load_baseline
+        from userip.data import load_prepared
+
+        n_rows = load_prepared(self.out / "data").n_users + 1
+        extra_ids: dict[str, tuple[np.ndarray, list[int]]] = {}
+        extra_dense: dict[str, np.ndarray] = {}
+        cards = _cardinalities(self.out / "profiles")
+        for name, short in (("text-profile", "text"), ("content-kmeans", "content")):
+            d = self.out / "baselines" / name
+            if not d.exists():
+                continue
+            f = load_baseline(d)
+            table = np.zeros((n_rows, len(cards)), dtype=np.int64)
+            idx = f.ids["user_idx"].to_numpy(dtype=np.int64)
+            for j, col in enumerate(cards):
+                table[idx, j] = f.ids[col].to_numpy(dtype=np.int64)
+            extra_ids[f"+{short}-ids"] = (table, list(cards.values()))
+            if with_dense and name == "text-profile":
+                extra_dense["+text-dense"] = f.dense
+        return extra_ids, extra_dense
+
+    def probe(self) -> dict[str, Any]:
+        from userip.baselines import load_baseline
+        from userip.data import load_prepared
+        from userip.explain import activity_buckets, id_space_size, permuted_ids, probe, probe_markdown
+
+        data = load_prepared(self.out / "data")
+        ids = pd.read_parquet(self.out / "profiles" / "profile_ids.parquet")
+        ids = ids.drop(columns=["user_id"])
+        seed = self.cfg["seed"]
+        tables = {"profile IDs": ids, "permuted IDs": permuted_ids(ids, seed),
+                  "activity buckets": activity_buckets(data, id_space_size(ids), users=ids["user_idx"], seed=seed)}
+        for name, label in (("text-profile", "text-profile IDs"), ("content-kmeans", "content k-means IDs")):
+            d = self.out / "baselines" / name
+            if d.exists():
+                b = load_baseline(d).ids
+                tables[label] = b[b["user_idx"].isin(ids["user_idx"])].drop(columns=["user_id"])
+        df = probe(tables, data.users, seed=seed)
+        write_json(self.out / "probe.json", df.to_dict(orient="records"))
+        (self.out / "probe.md").write_text(probe_markdown(df) + "\n")
+        return {"rows": len(df)}
+
+    def report(self) -> dict[str, Any]:
+        from userip.report import build_report
+
+        paths = build_report(self.out)
+        return {"files": [str(p.relative_to(self.out)) for p in paths]}
+
+
+def _cardinalities(profiles_dir: Path) -> dict[str, int]:
+    conf = read_yaml(profiles_dir / "config.yaml")
+    return {p["name"]: int(p["codebook_size"]) for p in conf["profiles"]}
+
+
+def _compact_final(final: dict[str, Any]) -> dict[str, Any]:
+    keep = ("heldout", "gap_own_vs_mean", "gap_own_vs_mean_user", "gap_own_vs_shuffled")
+    return {k: final[k] for k in keep if k in final}
+
+
+def run(config: str | Path | None = None, out: str | Path | None = None, *, quick: bool = False,
+        progress: bool = True, stages: tuple[str, ...] = STAGES, **overrides: Any) -> dict[str, Any]:
+    """Run the pipeline into ``out`` (default ``runs/<config name>``); returns the run record (run.json)."""
+    cfg = load_run_config(config, quick, **overrides)
+    out = Path(out) if out is not None else Path("runs") / cfg["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "run.json"
+    record = read_json(record_path) if record_path.exists() else {}
+    done = record.get("stages", {})
+    write_yaml(out / "config.yaml", cfg)
+    runner = Runner(cfg, out, progress)
+    keys: dict[str, str] = {}
+    t_run = time.perf_counter()
+    for stage in STAGES:
+        keys[stage] = _key(cfg, stage, keys)
+        if stage not in stages:
+            continue
+        prev = done.get(stage, {})
+        if prev.get("key") == keys[stage] and prev.get("status") == "done":
+            console.print(f"[dim]stage {stage}: up to date, skipped[/]")
+            continue
+        console.rule(f"stage {stage}")
+        fn: Callable[[], dict[str, Any]] = getattr(runner, stage)
+        with measure() as usage:
+            info = fn()
+        done[stage] = {"key": keys[stage], "status": "done", "wall_s": round(usage.wall_s, 2),
+                       "peak_rss_mb": round(usage.peak_rss_mb, 1), "info": info,
+                       "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        # later stages' old results no longer match: their keys change, so they rerun
+        record = {"name": cfg["name"], "config": cfg, "stages": done}
+        write_json(record_path, record)
+        console.print(f"stage {stage}: {usage.wall_s:.1f}s, peak RSS {usage.peak_rss_mb:.0f} MB")
+    record = {"name": cfg["name"], "config": cfg, "stages": done,
+              "wall_s_this_invocation": round(time.perf_counter() - t_run, 1)}
+    write_json(record_path, record)
+    return record

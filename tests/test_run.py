@@ -1,0 +1,96 @@
+"""`userip run --quick` end to end on a fixture dataset with the tiny LLM: every stage, the report, resume."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from userip.cli import app
+from userip.llm import tiny_llm
+
+GENRES = ["Action", "Comedy", "Drama", "Sci-Fi", "Children's"]
+
+
+def write_world(d, n_users=40, n_items=50, seed=0):
+    """Generic CSVs: two taste groups with different favourite genres, ratings following the taste."""
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True)
+    item_genre = rng.integers(0, len(GENRES), n_items)
+    rows = []
+    for u in range(1, n_users + 1):
+        fav = {0, 1} if u % 2 else {2, 3}
+        t = 880_000_000 + u * 977
+        for i in rng.choice(n_items, size=int(rng.integers(15, 30)), replace=False):
+            t += int(rng.integers(60, 86_400))
+            liked = item_genre[i] in fav
+            rows.append((f"u{u}", f"m{i + 1}", int(rng.choice([4, 5]) if liked else rng.choice([1, 2, 3])), t))
+    pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"]).to_csv(d / "inter.csv", index=False)
+    pd.DataFrame({"item_id": [f"m{i + 1}" for i in range(n_items)],
+                  "title": [f"{GENRES[g]} story number {i + 1}" for i, g in enumerate(item_genre)],
+                  "genres": [GENRES[g] for g in item_genre]}).to_csv(d / "items.csv", index=False)
+    pd.DataFrame({"user_id": [f"u{u}" for u in range(1, n_users + 1)],
+                  "age": rng.integers(16, 60, n_users), "gender": ["M", "F"] * (n_users // 2),
+                  "occupation": [["student", "engineer"][u % 2] for u in range(n_users)]}).to_csv(
+        d / "users.csv", index=False)
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    write_world(tmp_path / "world")
+    llm = tiny_llm(seed=0)
+    llm.model.save_pretrained(tmp_path / "tiny")
+    llm.tokenizer.save_pretrained(tmp_path / "tiny")
+    w = tmp_path / "world"
+    cfg = {
+        "seed": 0,
+        "model": str(tmp_path / "tiny"),
+        "data": {"interactions": str(w / "inter.csv"), "items": str(w / "items.csv"), "users": str(w / "users.csv"),
+                 "side_features": ["age", "gender", "occupation"]},
+        "profile": {"epochs": 3, "batch_users": 8, "max_tokens": 48, "inner_steps": 4},
+        "ctr": {"backbones": ["dcn", "deepfm"], "seeds": 3, "max_epochs": 30, "batch_size": 64, "lr": 0.01},
+        "baselines": {"max_new_tokens": 8, "batch_size": 8},
+        "quick": {"users": 32, "profile": {"epochs": 2, "inner_steps": 2}, "ctr": {"seeds": 2}},
+    }
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_run_quick_end_to_end_and_resume(run_config, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "--config", str(run_config), "--out", str(out), "--quick"])
+    assert r.exit_code == 0, r.output
+    for f in ("data/stats.json", "profiles/profile_ids.parquet", "bank.sqlite", "ctr/results.json",
+              "ctr/results.md", "explanations.json", "probe.json", "report.md", "report.html",
+              "plots/em_curves.png", "plots/code_usage.png", "plots/ctr_auc.png", "plots/stage_costs.png"):
+        assert (out / f).exists(), f
+    assert list((out / "ctr" / "models").glob("*.safetensors"))
+    stats = json.loads((out / "data" / "stats.json").read_text())
+    assert stats["counts"]["users"] == 32 if "counts" in stats else True
+    runs = pd.DataFrame(json.loads((out / "ctr" / "results.json").read_text())["runs"])
+    assert {"base", "+ids", "+ids-permuted", "+activity", "+theta", "+text-ids", "+content-ids",
+            "+text-dense"} <= set(runs["variant"])
+    assert set(runs["seed"]) == {0, 1}
+    report = (out / "report.md").read_text()
+    for section in ("## Headline", "## Profiles (EM)", "## CTR", "## Validity probe", "## Explanations",
+                    "## Cost per stage"):
+        assert section in report
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html
+    record = json.loads((out / "run.json").read_text())
+    assert all(record["stages"][s]["status"] == "done" for s in record["stages"])
+
+    # a rerun skips every stage; a changed CTR section reruns ctr and report only
+    r = CliRunner().invoke(app, ["run", "--config", str(run_config), "--out", str(out), "--quick"])
+    assert r.exit_code == 0 and r.output.count("up to date, skipped") == 8, r.output
+    cfg = yaml.safe_load(run_config.read_text())
+    cfg["quick"]["ctr"]["backbones"] = ["dcn"]
+    run_config.write_text(yaml.safe_dump(cfg))
+    r = CliRunner().invoke(app, ["run", "--config", str(run_config), "--out", str(out), "--quick"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("up to date, skipped") == 6, r.output
+    runs = pd.DataFrame(json.loads((out / "ctr" / "results.json").read_text())["runs"])
+    assert set(runs["backbone"]) == {"dcn"}
