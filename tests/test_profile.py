@@ -191,3 +191,22 @@ def test_config_validation():
         ProfileConfig(mode="magic")
     with pytest.raises(UseripError, match="unknown keys"):
         ProfileConfig.from_dict({"epochz": 3})
+
+
+def test_infer_new_users_mostly_recovers_their_fitted_codes(llm, tmp_path):
+    """Re-inferring fitted users from scratch, with everything else frozen, lands on the same codes."""
+    corpus = planted_corpus(llm.tokenizer, n_users=32)
+    fit = ProfileFitter(llm, small_cfg(epochs=4), corpus, tmp_path)
+    fit.fit(progress=False)
+    fitted = fit.assignments()
+    users = list(range(1, 13))
+    rows = [32 + 1 + i for i in range(len(users))]  # appended rows, as for users of a newer export
+    new = Corpus({r: corpus.train[u] for r, u in zip(rows, users, strict=True)}, {}, 32 + len(rows),
+                 np.zeros(32 + len(rows) + 1, dtype=np.int64))
+    inf = ProfileFitter(llm, small_cfg(epochs=4), new, tmp_path)
+    inf.load_fitted()
+    before = inf.profiles.table[1:33].clone()
+    z = inf.infer(torch.tensor(rows))
+    assert torch.equal(inf.profiles.table[1:33], before), "fitted users' rows must not move"
+    agree = (z == fitted[users]).all(1).float().mean().item()
+    assert agree >= 0.7, f"only {agree:.0%} of re-inferred users got their fitted codes"

@@ -92,3 +92,25 @@ def test_real_smollm2_one_epoch_on_real_ml100k(tmp_path):
     assert 0.5 < ep["train_nll"] < 6.0 and 0.5 < ep["heldout"]["own"] < 6.0
     ids = pd.read_parquet(tmp_path / "p" / "profile_ids.parquet")
     assert len(ids) == 16 and ids["hobby"].between(1, 4).all()
+
+
+def test_cli_infer_new_users_and_upsert_into_the_bank(prepared, tmp_path, tiny_model_dir):
+    from userip.bank import build_bank, open_bank
+
+    out = tmp_path / "p"
+    fit_profiles(prepared.path, out, model=str(tiny_model_dir), progress=False, max_users=5, dtype="fp32", **FAST)
+    fitted = set(pd.read_parquet(out / "profile_ids.parquet")["user_id"])
+    trained = prepared.interactions.query("split == 'train'")["user_idx"].unique()
+    new = [u for u in prepared.user_ids(trained) if u not in fitted][:2]
+    assert len(new) == 2
+    build_bank(out, tmp_path / "bank.sqlite")
+    assert (open_bank(tmp_path / "bank.sqlite").get(new) == 0).all()
+    r = CliRunner().invoke(app, ["profile", "infer", "--run", str(out), "--data", str(prepared.path),
+                                 "--users", " ".join(new), "--bank", str(tmp_path / "bank.sqlite")])
+    assert r.exit_code == 0, r.output
+    got = open_bank(tmp_path / "bank.sqlite").get(new)
+    assert (got[:, 0] >= 1).all() and (got[:, 0] <= 4).all() and (got[:, 1] >= 1).all()
+    assert len(open_bank(tmp_path / "bank.sqlite").to_frame()) == len(fitted) + 2
+    r = CliRunner().invoke(app, ["profile", "infer", "--run", str(out), "--data", str(prepared.path),
+                                 "--users", "no-such-user"])
+    assert r.exit_code == 2 and "unknown user ids" in r.output

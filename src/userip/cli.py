@@ -98,6 +98,31 @@ def profile_fit(
     console.print(f"wrote {out} in {metrics['wall_s']:.0f}s, peak RSS {metrics['peak_rss_mb']:.0f} MB")
 
 
+@profile_app.command("infer")
+@_friendly
+def profile_infer(
+    run: Path = typer.Option(..., "--run", help="A fitted PROFILES directory."),
+    data: Path = typer.Option(..., "--data", help="Prepared data holding the new users' behaviour."),
+    users: list[str] = typer.Option(..., "--users", help="Dataset user ids (repeat --users, or space-separate)."),
+    bank: str | None = typer.Option(None, "--bank", help="Upsert the IDs into this feature bank."),
+) -> None:
+    """IDs for new users without retraining: LLM, shared prompt and codebooks stay frozen."""
+    from rich.table import Table
+
+    from userip.profile import infer_profiles
+
+    ids = [u for arg in users for u in arg.split()]
+    out = infer_profiles(run, data, ids, bank=bank)
+    t = Table(title=f"inferred profiles ({out.attrs['seconds_per_user']:.2f} s per user)")
+    for c in out.columns:
+        t.add_column(c, justify="right")
+    for row in out.itertuples(index=False):
+        t.add_row(*map(str, row))
+    console.print(t)
+    if bank:
+        console.print(f"upserted {len(out)} users into {bank}")
+
+
 @profile_app.command("ids")
 @_friendly
 def profile_ids(profiles: Path = typer.Argument(..., help="A PROFILES directory.")) -> None:

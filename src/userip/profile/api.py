@@ -128,6 +128,60 @@ def write_outputs(out: Path, fitter: ProfileFitter, data, cfg: ProfileConfig, mo
     write_json(out / "metrics.json", metrics)
 
 
+def infer_profiles(profiles_dir: str | Path, data_dir: str | Path, user_ids: list[str], *, llm=None,
+                   bank: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """IDs for users not in the fit, with the LLM, shared prompt and codebooks frozen (no retraining).
+
+    ``data_dir`` holds the users' behaviour (the fit's data or a newer export); each new user's soft tokens
+    are fitted on their train-split windows with the training budget. With ``bank``, the IDs are upserted
+    (an atomic rebuild: readers see the old bank or the new one). Returns user_id + one column per profile.
+    """
+    from userip.data import load_prepared
+    from userip.llm import load_llm
+
+    profiles_dir = Path(profiles_dir)
+    conf = read_yaml(profiles_dir / "config.yaml")
+    cfg = ProfileConfig.from_dict(conf["profile"])
+    t0 = time.perf_counter()
+    data = load_prepared(data_dir)
+    idx = data.user_index([str(u) for u in user_ids])
+    missing = [u for u, i in zip(user_ids, idx, strict=True) if i == 0]
+    if missing:
+        raise UseripError(f"{data_dir}: unknown user ids {missing[:10]} (expected ids present in users/interactions)")
+    llm = llm or load_llm(conf["model"], dtype=cfg.dtype, device=cfg.device)
+    full = build_corpus(data, llm.tokenizer, cfg.replace(max_users=0))
+    fitted = read_ids(profiles_dir)
+    n_old = int(fitted["user_idx"].max()) if len(fitted) else 0
+    from userip.profile.em import Corpus
+
+    train, rows = {}, []
+    for i, (uid, u) in enumerate(zip(user_ids, idx.tolist(), strict=True)):
+        if u not in full.train:
+            raise UseripError(f"{data_dir}: user {uid} has no train-split behaviour to infer a profile from")
+        row = n_old + 1 + i  # new rows after the fitted ones: dense indices of another export may differ
+        train[row] = full.train[u]
+        rows.append(row)
+    corpus = Corpus(train, {}, n_old + len(rows), np.zeros(n_old + len(rows) + 1, dtype=np.int64))
+    fitter = ProfileFitter(llm, cfg, corpus, profiles_dir)
+    fitter.load_fitted()
+    z = fitter.infer(torch.tensor(rows), progress=progress)
+    out = pd.DataFrame({"user_id": [str(u) for u in user_ids]})
+    for k, p in enumerate(cfg.profiles):
+        out[p.name] = z[:, k].numpy().astype(np.int64)
+    seconds = time.perf_counter() - t0
+    out.attrs["seconds_per_user"] = seconds / max(len(user_ids), 1)
+    if bank is not None:
+        from userip.bank import open_bank
+
+        b = open_bank(bank)
+        table = b.to_frame()
+        keep = table[~table["user_id"].astype(str).isin(out["user_id"])]
+        merged = pd.concat([keep, out[[c for c in table.columns if c in out.columns]]], ignore_index=True)
+        meta = b.meta()
+        b.build(merged, meta)
+    return out
+
+
 def read_ids(profiles_dir: str | Path) -> pd.DataFrame:
     p = Path(profiles_dir) / "profile_ids.parquet"
     if not p.exists():

@@ -52,7 +52,7 @@ class ProfileConfig:
     windows_per_user: int = 4  # cap per epoch so heavy users do not dominate
     # E-step budget: each user batch takes `inner_steps` updates, one window per user per step
     batch_users: int = 32
-    micro_batch: int = 0  # 0 = whole batch at once; else gradient accumulation in chunks of this many rows
+    micro_batch: int = 16  # rows per forward/backward (gradient accumulation): bounds activation memory
     inner_steps: int = 4
     epochs: int = 3
     lr_user: float = 0.1

@@ -100,6 +100,7 @@ class ProfileFitter:
         self.state = EMState()
         self.joint_opt: torch.optim.Optimizer | None = None
         self.eval_users = self._pick_eval_users()
+        self.pop_users = self.users  # users whose mean is the plain table's population prompt
         self.best: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ main loop
@@ -174,7 +175,7 @@ class ProfileFitter:
         cfg, st = self.cfg, self.state
         if cfg.mode != "em":
             return delta.new_zeros(())
-        personal = delta if self.profiles.residual else delta - self.profiles.population(self.users)
+        personal = delta if self.profiles.residual else delta - self.profiles.population(self.pop_users)
         prior = cfg.prior_lambda * personal.pow(2).sum() if self.profiles.residual else delta.new_zeros(())
         if cfg.prior_beta > 0 and st.z is not None:
             prior = prior + cfg.prior_beta * (personal - self.code_targets(users).detach()).pow(2).sum()
@@ -426,6 +427,62 @@ class ProfileFitter:
                 if i in states:
                     self.joint_opt.state[leaf] = states[i]
         log.info("resumed from %s after epoch %d", ck, st.epoch)
+
+    # ------------------------------------------------------------------ new users
+    def infer(self, users: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """Fit only ``users``' residuals with the LM, shared prompt and codebooks frozen; return their codes.
+
+        Each user gets the same budget as in training (``epochs * min(windows, cap)`` updates, one window
+        each); the codeword prior is left out because a new user has no code yet, the L2 prior is kept.
+        Returns 1-based codes [len(users), m], also written into ``state.z``.
+        """
+        cfg, st, prof = self.cfg, self.state, self.profiles
+        if st.z is None or not st.codebooks:
+            raise ValueError("infer needs a fitted model (codebooks)")
+        users = torch.as_tensor(users, dtype=torch.long)
+        prof.table[users] = 0.0
+        self.user_opt.exp_avg[users] = 0.0
+        self.user_opt.exp_avg_sq[users] = 0.0
+        self.user_opt.steps[users] = 0
+        saved_beta, self.cfg.prior_beta = cfg.prior_beta, 0.0
+        try:
+            for epoch in tqdm(range(cfg.epochs), desc="infer", disable=not progress, leave=False):
+                for s in range(0, len(users), cfg.batch_users):
+                    batch = users[s : s + cfg.batch_users]
+                    windows = self._epoch_windows(batch, epoch)
+                    for j in range(cfg.inner_steps):
+                        self.train_step(batch, [w[j % len(w)] for w in windows], update_shared=False)
+        finally:
+            self.cfg.prior_beta = saved_beta
+        with torch.no_grad():
+            personal = prof.personal(users, None if prof.residual else prof.population(self.pop_users))
+            for k, p in enumerate(cfg.profiles):
+                x = prepare_for_codes(personal[:, k, : p.n_tokens].flatten(1), center=st.mu[k, : p.n_tokens].flatten())
+                idx, _ = assign(x, st.codebooks[p.name])
+                st.z[users, k] = idx + 1
+        return st.z[users].clone()
+
+    def load_fitted(self) -> None:
+        """Load the best fitted state from ``out_dir/checkpoints`` (for inference on new users)."""
+        assert self.out_dir is not None
+        ck = self.out_dir / "checkpoints" / "last.safetensors"
+        if not ck.exists():
+            raise FileNotFoundError(ck)
+        t = load_file(str(ck))
+        snap = {k[len("best."):]: v for k, v in t.items() if k.startswith("best.")} or t
+        for p in self.cfg.profiles:
+            self.state.codebooks[p.name] = snap[f"codebook.{p.name}"].clone()
+        # the fitted table may have fewer rows than this one (new users are appended after the fitted rows)
+        n_old = snap["profiles.table"].shape[0]
+        if n_old > self.profiles.table.shape[0]:
+            raise ValueError(f"checkpoint has {n_old} table rows, more than this corpus can hold")
+        st = self.state
+        st.z = torch.zeros(self.profiles.table.shape[0], self.profiles.m, dtype=torch.long)
+        st.z[:n_old] = snap["z"]
+        st.mu, st.scale = snap["mu"].clone(), snap["scale"].clone()
+        self.profiles.shared.copy_(snap["profiles.shared"])
+        self.profiles.table[:n_old] = snap["profiles.table"]
+        self.pop_users = (snap["z"][:, 0] > 0).nonzero().flatten()
 
     # ------------------------------------------------------------------ results
     def assignments(self) -> torch.Tensor:

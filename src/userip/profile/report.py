@@ -1,26 +1,31 @@
-"""Readable summaries of a profile fit (terminal tables; the HTML/markdown report builds on the same data)."""
+"""Readable summaries of a profile fit (terminal tables; the markdown/HTML report builds on the same data)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
 
 
-def summary_table(metrics: dict[str, Any]) -> Table:
-    """Per-epoch table: train NLL, held-out NLL four ways, the own-vs-mean gap, code perplexity and NMI."""
-    t = Table(title=f"profile fit: {metrics.get('n_users', '?')} users, best epoch {metrics.get('best_epoch')}")
-    for col in ("epoch", "train", "own", "shuffled", "mean", "codeword", "mean-own", "mean-own/user", "codes",
-                "s"):
-        t.add_column(col, justify="right")
+def summary_table(metrics: dict[str, Any]) -> Group:
+    """Per-epoch held-out NLL four ways with the gaps, then code usage of the best epoch."""
+    t = Table(title=f"profile fit: {metrics.get('n_users', '?')} users, best epoch {metrics.get('best_epoch')}",
+              caption="held-out NLL per token; gap = mean - own (> 0: the personal part predicts the future)")
+    for col in ("ep", "train", "own", "shuf", "mean", "code", "gap", "gap/user", "s"):
+        t.add_column(col, justify="right", no_wrap=True)
     for m in metrics.get("epochs", []):
         h = m.get("heldout", {})
-        codes = " ".join(f"{k}:ppl {c['perplexity']:.1f} nmi {c['nmi_activity']:.2f}"
-                         for k, c in m.get("codes", {}).items())
         t.add_row(
-            str(m["epoch"]), f"{m['train_nll']:.4f}",
+            str(m["epoch"]), f"{m['train_nll']:.3f}",
             *(f"{h[k]:.4f}" if k in h else "-" for k in ("own", "shuffled", "mean", "codeword")),
             f"{m.get('gap_own_vs_mean', float('nan')):+.4f}", f"{m.get('gap_own_vs_mean_user', float('nan')):+.4f}",
-            codes, f"{m.get('wall_s', 0):.0f}",
+            f"{m.get('wall_s', 0):.0f}",
         )
-    return t
+    c = Table(title="codes (best epoch)")
+    for col in ("profile", "users per code", "perplexity", "dead", "NMI with activity"):
+        c.add_column(col, justify="right", no_wrap=True)
+    for name, s in metrics.get("final", {}).get("codes", {}).items():
+        c.add_row(name, " ".join(map(str, s["usage"])), f"{s['perplexity']:.2f}", str(s["dead"]),
+                  f"{s['nmi_activity']:.3f}")
+    return Group(t, c)
