@@ -159,7 +159,7 @@ def test_resume_after_interruption_gives_identical_ids(llm, tmp_path):
     full.fit(progress=False)
     first = ProfileFitter(llm, small_cfg(epochs=3), corpus, tmp_path / "b")
     first.fit(epochs=1, progress=False)  # "killed" after one epoch: only its checkpoint survives
-    assert (tmp_path / "b" / "checkpoints" / "last.safetensors").exists()
+    assert (tmp_path / "b" / "checkpoints" / "epoch0001.rank0-of-1.safetensors").exists()
     resumed = ProfileFitter(llm, small_cfg(epochs=3), corpus, tmp_path / "b")
     st = resumed.fit(progress=False)
     assert [m["epoch"] for m in st.metrics] == [1, 2, 3]
@@ -203,8 +203,18 @@ def test_infer_new_users_mostly_recovers_their_fitted_codes(llm, tmp_path):
     rows = [32 + 1 + i for i in range(len(users))]  # appended rows, as for users of a newer export
     new = Corpus({r: corpus.train[u] for r, u in zip(rows, users, strict=True)}, {}, 32 + len(rows),
                  np.zeros(32 + len(rows) + 1, dtype=np.int64))
-    inf = ProfileFitter(llm, small_cfg(epochs=4), new, tmp_path)
-    inf.load_fitted()
+    from userip.profile.api import write_outputs
+
+    class _Data:  # the bits of PreparedData that write_outputs reads
+        fingerprint, path = "x", tmp_path
+
+        @staticmethod
+        def user_ids(idx):
+            return [str(i) for i in idx]
+
+    write_outputs(tmp_path / "out", fit, _Data, small_cfg(epochs=4), "tiny", {})
+    inf = ProfileFitter(llm, small_cfg(epochs=4), new, tmp_path / "inf")
+    inf.load_fitted(tmp_path / "out")
     before = inf.profiles.table[1:33].clone()
     z = inf.infer(torch.tensor(rows))
     assert torch.equal(inf.profiles.table[1:33], before), "fitted users' rows must not move"

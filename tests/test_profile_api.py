@@ -28,7 +28,7 @@ def test_fit_writes_the_profiles_contract(prepared, tmp_path):
     out = tmp_path / "profiles"
     metrics = fit_profiles(prepared.path, out, llm=tiny_llm(), progress=False, **FAST)
     for f in ("profiles.safetensors", "codebooks.safetensors", "profile_ids.parquet", "config.yaml",
-              "metrics.json", "checkpoints/last.safetensors"):
+              "metrics.json", "checkpoints/last.json", "checkpoints/epoch0002.rank0-of-1.safetensors"):
         assert (out / f).exists(), f
     ids = pd.read_parquet(out / "profile_ids.parquet")
     assert list(ids.columns) == ["user_id", "user_idx", "hobby", "background"]

@@ -14,8 +14,11 @@ from userip.llm import tiny_llm
 GENRES = ["Action", "Comedy", "Drama", "Sci-Fi", "Children's"]
 
 
-def write_world(d, n_users=40, n_items=50, seed=0):
-    """Generic CSVs: two taste groups with different favourite genres, ratings following the taste."""
+def write_world(d, n_users=40, n_items=50, seed=0, watch_by_taste=False):
+    """Generic CSVs: two taste groups with different favourite genres, ratings following the taste.
+
+    With ``watch_by_taste`` each group also only watches its favourite genres (the behaviour text shows it).
+    """
     rng = np.random.default_rng(seed)
     d.mkdir(parents=True)
     item_genre = rng.integers(0, len(GENRES), n_items)
@@ -23,7 +26,8 @@ def write_world(d, n_users=40, n_items=50, seed=0):
     for u in range(1, n_users + 1):
         fav = {0, 1} if u % 2 else {2, 3}
         t = 880_000_000 + u * 977
-        for i in rng.choice(n_items, size=int(rng.integers(15, 30)), replace=False):
+        pool = [i for i in range(n_items) if item_genre[i] in fav] if watch_by_taste else list(range(n_items))
+        for i in rng.choice(pool, size=min(len(pool), int(rng.integers(15, 30))), replace=False):
             t += int(rng.integers(60, 86_400))
             liked = item_genre[i] in fav
             rows.append((f"u{u}", f"m{i + 1}", int(rng.choice([4, 5]) if liked else rng.choice([1, 2, 3])), t))

@@ -87,10 +87,23 @@ def profile_fit(
     mode: str | None = typer.Option(None, "--mode", help="em (default) or joint (reference code)."),
     table: str | None = typer.Option(None, "--table", help="residual (default) or plain (reference code)."),
     threads: int | None = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
+    nproc: int = typer.Option(1, "--nproc", help="Shard users over N processes (torchrun; gloo on CPU)."),
 ) -> None:
     """Fit soft profiles by EM on the train split and write profiles, codebooks, IDs and metrics."""
     from userip.profile import fit_profiles
     from userip.profile.report import summary_table
+
+    if nproc > 1:
+        from userip.profile.fit import launch
+
+        args = ["--data", str(data), "--out", str(out), "--model", model]
+        for flag, value in (("--config", config), ("--epochs", epochs), ("--max-users", max_users),
+                            ("--seed", seed), ("--threads", threads)):
+            if value is not None:
+                args += [flag, str(value)]
+        if mode not in (None, "em") or table not in (None, "residual"):
+            raise UseripError("--nproc > 1 supports --mode em with --table residual only")
+        raise typer.Exit(launch(nproc, args))
 
     metrics = fit_profiles(data, out, model=model, config=config, epochs=epochs, max_users=max_users,
                            seed=seed, mode=mode, table=table, threads=threads)

@@ -38,6 +38,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> ProfileConfig:
 def build_corpus(data, tokenizer, cfg: ProfileConfig) -> Corpus:
     """Tokenised train windows and held-out (validation-period) windows from a prepared dataset."""
     from userip.data import behaviour_windows
+    from userip.profile.dist import Dist
 
     kw = dict(max_items=cfg.max_items, tokenizer=tokenizer, max_tokens=cfg.max_tokens, mode=cfg.behaviour)
     train = behaviour_windows(data, "train", **kw)
@@ -50,6 +51,11 @@ def build_corpus(data, tokenizer, cfg: ProfileConfig) -> Corpus:
             keep = {users[i] for i in pick}
             train = {u: w for u, w in train.items() if u in keep}
             heldout = {u: w for u, w in heldout.items() if u in keep}
+    d = Dist()
+    if d.world > 1:  # this rank's shard of the users
+        mine = set(d.shard(list(train)))
+        train = {u: w for u, w in train.items() if u in mine}
+        heldout = {u: w for u, w in heldout.items() if u in mine}
     inter = data.interactions
     counts = inter[inter["split"] == "train"].groupby("user_idx").size()
     activity = np.zeros(data.n_users + 1, dtype=np.int64)
@@ -85,7 +91,8 @@ def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2
         "epochs": state.metrics,
         "best_epoch": state.best_epoch,
         "final": state.metrics[state.best_epoch - 1] if state.best_epoch else (state.metrics or [{}])[-1],
-        "n_users": len(fitter.users),
+        "n_users": len(fitter.all_users),
+        "processes": fitter.dist.world,
         "wall_s": time.perf_counter() - t0,
         "peak_rss_mb": _peak_rss_mb(),
     }
@@ -99,7 +106,9 @@ def write_outputs(out: Path, fitter: ProfileFitter, data, cfg: ProfileConfig, mo
     from userip.quantize import save_codebooks
 
     st = fitter.state
-    theta, personal = fitter.theta_table()
+    theta, personal = fitter.theta_table()  # collective under torch.distributed: every rank takes part
+    if not fitter.dist.is_main:
+        return
     tensors = {"theta": theta, "personal": personal, "shared": fitter.profiles.shared.contiguous()}
     if st.mu is not None:
         tensors.update({"code_center": st.mu.contiguous(), "code_scale": st.scale.contiguous()})
@@ -108,10 +117,10 @@ def write_outputs(out: Path, fitter: ProfileFitter, data, cfg: ProfileConfig, mo
     save_codebooks(out / "codebooks.safetensors", {k: v.detach() for k, v in st.codebooks.items()},
                    metadata={"model": model_name})
     z = fitter.assignments()
-    users = fitter.users.numpy()
+    users = fitter.all_users.numpy()
     ids = pd.DataFrame({"user_id": data.user_ids(users), "user_idx": users.astype(np.int64)})
     for k, p in enumerate(cfg.profiles):
-        ids[p.name] = z[fitter.users, k].numpy().astype(np.int64)
+        ids[p.name] = z[fitter.all_users, k].numpy().astype(np.int64)
     with atomic_path(out / "profile_ids.parquet") as tmp:
         ids.to_parquet(tmp, index=False)
     conf = {
@@ -163,7 +172,7 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path, user_ids: lis
         rows.append(row)
     corpus = Corpus(train, {}, n_old + len(rows), np.zeros(n_old + len(rows) + 1, dtype=np.int64))
     fitter = ProfileFitter(llm, cfg, corpus, profiles_dir)
-    fitter.load_fitted()
+    fitter.load_fitted(profiles_dir)
     z = fitter.infer(torch.tensor(rows), progress=progress)
     out = pd.DataFrame({"user_id": [str(u) for u in user_ids]})
     for k, p in enumerate(cfg.profiles):

@@ -26,8 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from userip.errors import UseripError
 from userip.io import atomic_path, read_json, write_json
 from userip.profile.config import ProfileConfig
+from userip.profile.dist import Dist
 from userip.profile.model import Scorer, SoftProfiles, text_init_embeddings
 from userip.profile.optim import RowAdam
 from userip.profile.template import encode_behaviour, make_batch
@@ -85,28 +87,47 @@ class EMState:
 
 
 class ProfileFitter:
+    """Fits soft profiles for the users of ``corpus`` (this rank's shard when run under torch.distributed)."""
+
     def __init__(self, llm, cfg: ProfileConfig, corpus: Corpus, out_dir: Path | None = None) -> None:
         self.llm, self.cfg, self.corpus = llm, cfg, corpus
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.dist = Dist()
+        if self.dist.world > 1 and (cfg.mode != "em" or cfg.table != "residual"):
+            raise UseripError("a sharded fit (--nproc > 1) supports mode 'em' with table 'residual' only")
         self.scorer = Scorer(llm, cfg)
-        self.users = torch.tensor(sorted(corpus.train), dtype=torch.long)
-        if len(self.users) == 0:
+        self.users = torch.tensor(sorted(corpus.train), dtype=torch.long)  # this rank's users
+        all_users = sorted(u for part in self.dist.gather(self.users.tolist()) for u in part)
+        self.all_users = torch.tensor(all_users, dtype=torch.long)
+        if len(self.all_users) == 0:
             raise ValueError("no user has behaviour windows to fit")
+        n_rows = corpus.n_users + 1
+        self.row_of = torch.zeros(n_rows, dtype=torch.long)  # global user index -> row of the local table
+        if self.dist.world == 1:
+            self.row_of = torch.arange(n_rows)
+            local = None
+        else:
+            self.row_of[self.users] = torch.arange(1, len(self.users) + 1)
+            local = self.users
         g = torch.Generator().manual_seed(cfg.seed)
         init = text_init_embeddings(llm, cfg) if cfg.init == "text" else None
-        self.profiles = SoftProfiles(cfg, corpus.n_users, llm.hidden_size, init, g)
+        self.profiles = SoftProfiles(cfg, corpus.n_users, llm.hidden_size, init, g, local_users=local)
         self.user_opt = RowAdam(self.profiles.table, lr=cfg.lr_user)
         self.shared_opt = RowAdam(self.profiles.shared[None], lr=cfg.lr_shared)
         self.state = EMState()
         self.joint_opt: torch.optim.Optimizer | None = None
         self.eval_users = self._pick_eval_users()
-        self.pop_users = self.users  # users whose mean is the plain table's population prompt
+        self.pop_rows = self.rows(self.users)  # rows whose mean is the plain table's population prompt
         self.best: dict[str, torch.Tensor] = {}
+
+    def rows(self, users: torch.Tensor) -> torch.Tensor:
+        return self.row_of[users]
 
     # ------------------------------------------------------------------ main loop
     def fit(self, epochs: int | None = None, progress: bool = True) -> EMState:
         cfg, st = self.cfg, self.state
         epochs = epochs or cfg.epochs
+        progress = progress and self.dist.is_main
         self._resume()
         if cfg.mode == "joint" and not st.codebooks:
             self.m_step(torch.Generator().manual_seed(cfg.seed), iters=0)
@@ -114,21 +135,22 @@ class ProfileFitter:
             t0 = time.perf_counter()
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.epoch)
             batches = self._user_batches(g)
+            # every rank takes the same number of shared-prompt steps (a short shard idles through the rest)
+            n_batches = int(self.dist.all_reduce(torch.tensor([len(batches)]), "max"))
             nll_sum, tok_sum = 0.0, 0.0
-            bar = tqdm(batches, desc=f"epoch {st.epoch + 1}/{epochs}", disable=not progress, leave=False)
-            for users in bar:
+            bar = tqdm(range(n_batches), desc=f"epoch {st.epoch + 1}/{epochs}", disable=not progress, leave=False)
+            for b in bar:
+                users = batches[b] if b < len(batches) else self.users[:0]
                 windows = self._epoch_windows(users, st.epoch)
                 for j in range(cfg.inner_steps):
                     rows = [w[j % len(w)] for w in windows]
                     s, n = self.train_step(users, rows, update_shared=(j == cfg.inner_steps - 1))
                     nll_sum, tok_sum = nll_sum + s, tok_sum + n
                 bar.set_postfix(nll=f"{nll_sum / max(tok_sum, 1):.3f}")
-            if cfg.mode == "em":
-                self.m_step(g, iters=cfg.kmeans_iters)
-            else:
-                self.m_step(g, iters=0)  # joint: only refresh assignments and the scale for reporting
+            self.m_step(g, iters=cfg.kmeans_iters if cfg.mode == "em" else 0)  # joint: refresh for reporting
             st.epoch += 1
-            m = {"epoch": st.epoch, "train_nll": nll_sum / max(tok_sum, 1)}
+            totals = self.dist.all_reduce(torch.tensor([nll_sum, tok_sum], dtype=torch.float64))
+            m = {"epoch": st.epoch, "train_nll": float(totals[0] / max(float(totals[1]), 1.0))}
             m.update(self.evaluate())
             m.update(self.code_stats())
             m["wall_s"] = time.perf_counter() - t0
@@ -150,24 +172,25 @@ class ProfileFitter:
     def train_step(self, users: torch.Tensor, rows: list[list[int]], update_shared: bool) -> tuple[float, float]:
         """One E-step update for ``users`` (unique), one window each; returns (NLL sum, token count)."""
         cfg, prof = self.cfg, self.profiles
-        batch = make_batch(rows)
-        delta = prof.table[users].clone().requires_grad_(True)
+        r = self.rows(users)
+        delta = prof.table[r].clone().requires_grad_(True)
         shared = prof.shared.clone().requires_grad_(prof.residual and update_shared)
-        mb = cfg.micro_batch or len(users)
+        mb = cfg.micro_batch or max(len(users), 1)
         nll_total, tok_total = 0.0, 0.0
         for s in range(0, len(users), mb):
             sl = slice(s, s + mb)
             theta = (shared + delta[sl]) if prof.residual else delta[sl]
-            sub = make_batch(rows[sl]) if mb < len(users) else batch
-            sums, counts = self.scorer.row_nll(theta, sub)
+            sums, counts = self.scorer.row_nll(theta, make_batch(rows[sl]))
             loss = (sums / counts).sum() + self._prior(users[sl], delta[sl])
             loss.backward()
             nll_total += float(sums.detach().sum())
             tok_total += float(counts.sum())
-        self.user_opt.step(users, delta.grad)
-        if shared.grad is not None:
-            self.shared_opt.step(torch.zeros(1, dtype=torch.long), shared.grad[None])
-        if cfg.mode == "joint":
+        if len(users):
+            self.user_opt.step(r, delta.grad)
+        if shared.requires_grad:
+            grad = shared.grad if shared.grad is not None else torch.zeros_like(shared)
+            self.shared_opt.step(torch.zeros(1, dtype=torch.long), self.dist.all_reduce(grad)[None])
+        if cfg.mode == "joint" and len(users):
             self._joint_codebook_step(users)
         return nll_total, tok_total
 
@@ -175,7 +198,7 @@ class ProfileFitter:
         cfg, st = self.cfg, self.state
         if cfg.mode != "em":
             return delta.new_zeros(())
-        personal = delta if self.profiles.residual else delta - self.profiles.population(self.pop_users)
+        personal = delta if self.profiles.residual else delta - self.profiles.population(self.pop_rows)
         prior = cfg.prior_lambda * personal.pow(2).sum() if self.profiles.residual else delta.new_zeros(())
         if cfg.prior_beta > 0 and st.z is not None:
             prior = prior + cfg.prior_beta * (personal - self.code_targets(users).detach()).pow(2).sum()
@@ -193,16 +216,22 @@ class ProfileFitter:
         return out
 
     def _personal_flat(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(normalised personal vectors [U, n*H], centre [n, H], RMS scale) of profile k over all users."""
+        """(this rank's normalised personal vectors [U_local, n*H], global centre [n, H], global RMS scale)."""
         n_k = self.cfg.profiles[k].n_tokens
-        P = self.profiles.personal(self.users)[:, k, :n_k]
-        mu = P.mean(0)
-        scale = (P - mu).flatten(1).pow(2).sum(1).mean().sqrt()
-        X = prepare_for_codes(P.flatten(1), center=mu.flatten())
-        return X, mu, scale
+        prof = self.profiles
+        centre = None if prof.residual else prof.population(self.pop_rows)
+        P = prof.personal(self.rows(self.users), centre)[:, k, :n_k].double()
+        count = torch.tensor([float(len(P))], dtype=torch.float64)
+        stats = self.dist.all_reduce(torch.cat([P.sum(0).flatten(), count]))
+        mu = (stats[:-1] / stats[-1]).view(n_k, -1)
+        sq = self.dist.all_reduce((P - mu).flatten(1).pow(2).sum().reshape(1))
+        scale = (sq / stats[-1]).sqrt()[0]
+        X = prepare_for_codes(P.flatten(1).float(), center=mu.flatten().float())
+        return X, mu.float(), scale.float()
 
     @torch.no_grad()
     def m_step(self, g: torch.Generator, iters: int) -> None:
+        """Closed-form codebook update from every user's personal part (sums and counts reduced over ranks)."""
         st, prof = self.state, self.profiles
         if st.z is None:
             st.z = torch.zeros(self.corpus.n_users + 1, prof.m, dtype=torch.long)
@@ -212,36 +241,54 @@ class ProfileFitter:
             X, mu, scale = self._personal_flat(k)
             st.mu[k, : p.n_tokens], st.scale[k] = mu, scale
             cb = st.codebooks.get(p.name)
-            if cb is None:
-                cb = kmeans_pp_init(X, p.codebook_size, g)
-            cb = cb.detach().clone()
-            for _ in range(iters):
-                idx, sqd = assign(X, cb)
-                sums, counts = code_sums(X, idx, p.codebook_size)
-                cb, dead = update_from_sums(cb, sums, counts)
-                if bool(dead.any()):
-                    cb = reseed_dead(cb, dead, X, sqd, g)
-            idx, _ = assign(X, cb)
+            if cb is None:  # k-means++ on everyone's vectors, in global user order (the same on every rank)
+                parts = self.dist.gather((self.users, X))
+                all_u = torch.cat([u for u, _ in parts])
+                all_x = torch.cat([x for _, x in parts])[torch.argsort(all_u)]
+                cb = kmeans_pp_init(all_x, p.codebook_size, g)
+            if iters:  # joint mode (iters=0) keeps its codebook tensors: its optimiser holds them
+                cb = cb.detach().clone()
+                for _ in range(iters):
+                    idx, sqd = assign(X, cb)
+                    sums, counts = code_sums(X, idx, p.codebook_size)
+                    self.dist.all_reduce(sums)
+                    self.dist.all_reduce(counts)
+                    cb, dead = update_from_sums(cb, sums, counts)
+                    if bool(dead.any()):
+                        cb = self._reseed(cb, dead, X, sqd, g)
             st.codebooks[p.name] = cb
-            st.z[self.users, k] = idx + 1
-        if self.cfg.mode == "joint":
+            idx, _ = assign(X, cb.detach())
+            z = torch.zeros(self.corpus.n_users + 1, dtype=torch.long)
+            z[self.users] = idx + 1
+            st.z[:, k] = self.dist.all_reduce(z)  # every rank holds every user's codes
+        if self.cfg.mode == "joint" and self.joint_opt is None:
+            # the same tensors are kept across epochs, so the optimiser state stays valid
             leaves = [st.codebooks[p.name].requires_grad_(True) for p in self.cfg.profiles]
-            if self.joint_opt is None:
-                self.joint_opt = torch.optim.Adam(leaves, lr=self.cfg.lr_shared)
-            else:  # same tensors are kept across epochs, so the optimiser state stays valid
-                pass
+            self.joint_opt = torch.optim.Adam(leaves, lr=self.cfg.lr_shared)
+
+    def _reseed(self, cb, dead, X, sqd, g):
+        """Dead codes take the globally worst-fitted users: each rank offers its own worst few."""
+        if self.dist.world == 1:
+            return reseed_dead(cb, dead, X, sqd, g)
+        n = int(dead.sum())
+        top = torch.argsort(sqd, descending=True, stable=True)[:n]
+        parts = self.dist.gather((self.users[top], X[top], sqd[top]))
+        u = torch.cat([p[0] for p in parts])
+        order = torch.argsort(u)
+        x_all, d_all = torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
+        return reseed_dead(cb, dead, x_all, d_all, g)
 
     def _joint_codebook_step(self, users: torch.Tensor) -> None:
         """Reference-code VQ loss: 0.5*||sg(x) - c_z||^2 for the batch users, gradient on the codebook only."""
-        st = self.state
+        st, prof = self.state, self.profiles
         assert self.joint_opt is not None
         self.joint_opt.zero_grad()
         loss = torch.zeros(())
+        centre = None if prof.residual else prof.population(self.pop_rows)
         for k, p in enumerate(self.cfg.profiles):
             with torch.no_grad():
-                P = self.profiles.personal(self.users)[:, k, : p.n_tokens]
-                mu = P.mean(0).flatten()
-                x = prepare_for_codes(self.profiles.personal(users)[:, k, : p.n_tokens].flatten(1), center=mu)
+                mu = prof.personal(self.pop_rows, centre)[:, k, : p.n_tokens].mean(0).flatten()
+                x = prepare_for_codes(prof.personal(self.rows(users), centre)[:, k, : p.n_tokens].flatten(1), center=mu)
             cb = st.codebooks[p.name]
             idx, _ = assign(x, cb.detach())
             st.z[users, k] = idx + 1
@@ -251,39 +298,44 @@ class ProfileFitter:
 
     # ------------------------------------------------------------------ evaluation
     def _pick_eval_users(self) -> torch.Tensor:
+        """This rank's evaluation users (a seeded subset when ``eval_users`` caps the total)."""
         users = [u for u in sorted(self.corpus.heldout) if u in self.corpus.train]
-        if self.cfg.eval_users and len(users) > self.cfg.eval_users:
+        cap = self.cfg.eval_users and max(1, self.cfg.eval_users // self.dist.world)
+        if cap and len(users) > cap:
             g = torch.Generator().manual_seed(self.cfg.seed + 7)
-            pick = torch.randperm(len(users), generator=g)[: self.cfg.eval_users]
+            pick = torch.randperm(len(users), generator=g)[:cap]
             users = sorted(users[i] for i in pick.tolist())
         return torch.tensor(users, dtype=torch.long)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Held-out NLL with own / shuffled / mean / codeword soft tokens, token-weighted and per user."""
+        """Held-out NLL with own / shuffled / mean / codeword soft tokens, token-weighted and per user.
+
+        'mean' is the population prompt (base + the centre of everyone's personal part); 'shuffled' gives each
+        user another user's tokens (within a rank's shard when sharded).
+        """
         users = self.eval_users
-        if len(users) < 2:
-            return {}
         prof, st = self.profiles, self.state
-        base = prof.base(self.users)
-        personal = prof.personal(users, centre=prof.population(self.users) if not prof.residual else None)
-        g = torch.Generator().manual_seed(self.cfg.seed + 11)
-        perm = _derangement(len(users), g)
+        n_eval = int(self.dist.all_reduce(torch.tensor([len(users)]))[0])
+        if n_eval < 2 or st.mu is None:
+            return {}
+        base = prof.base(self.pop_rows)
+        centre = None if prof.residual else prof.population(self.pop_rows)
+        personal = prof.personal(self.rows(users), centre)
+        perm = _derangement(len(users), torch.Generator().manual_seed(self.cfg.seed + 11)) if len(users) > 1 \
+            else torch.zeros(len(users), dtype=torch.long)
         variants = {
             "own": base + personal,
             "shuffled": base + personal[perm],
-            "mean": (base + prof.personal(self.users, None if prof.residual else prof.population(self.users))
-                     .mean(0)).expand_as(personal),
+            "mean": (base + st.mu).expand_as(personal),
+            "codeword": base + self.code_targets(users),
         }
-        if st.z is not None and st.codebooks:
-            variants["codeword"] = base + self.code_targets(users)
         sums = {k: torch.zeros(len(users)) for k in variants}
         toks = torch.zeros(len(users))
         bs = max(1, self.cfg.batch_users // len(variants))
         for s in range(0, len(users), bs):
-            idx = list(range(s, min(s + bs, len(users))))
             rows, owner = [], []
-            for i in idx:
+            for i in range(s, min(s + bs, len(users))):
                 for w in self.corpus.heldout[int(users[i])]:
                     rows.append(w)
                     owner.append(i)
@@ -294,8 +346,11 @@ class ProfileFitter:
             for j, k in enumerate(variants):
                 sums[k].index_add_(0, owner_t, rsum[j * n : (j + 1) * n].cpu())
             toks.index_add_(0, owner_t, rcount[:n].cpu())
-        heldout = {k: float(v.sum() / toks.sum()) for k, v in sums.items()}
-        per_user = {k: float((v / toks).mean()) for k, v in sums.items()}
+        names = list(variants)
+        per_tok = self.dist.all_reduce(torch.stack([sums[k].sum() for k in names] + [toks.sum()]).double())
+        per_usr = self.dist.all_reduce(torch.stack([(sums[k] / toks.clamp(min=1)).sum() for k in names]).double())
+        heldout = {k: float(per_tok[i] / per_tok[-1]) for i, k in enumerate(names)}
+        per_user = {k: float(per_usr[i] / n_eval) for i, k in enumerate(names)}
         return {
             "heldout": heldout,
             "heldout_user": per_user,
@@ -303,8 +358,8 @@ class ProfileFitter:
             "gap_own_vs_mean_user": per_user["mean"] - per_user["own"],
             "gap_own_vs_shuffled": heldout["shuffled"] - heldout["own"],
             "gap_own_vs_shuffled_user": per_user["shuffled"] - per_user["own"],
-            "eval_users": len(users),
-            "eval_tokens": int(toks.sum()),
+            "eval_users": n_eval,
+            "eval_tokens": int(per_tok[-1]),
         }
 
     def code_stats(self) -> dict[str, Any]:
@@ -313,11 +368,11 @@ class ProfileFitter:
         st = self.state
         if st.z is None:
             return {}
-        act = self.corpus.activity[self.users.numpy()]
+        act = self.corpus.activity[self.all_users.numpy()]
         quart = np.searchsorted(np.quantile(act, [0.25, 0.5, 0.75]), act, side="right")
         out = {}
         for k, p in enumerate(self.cfg.profiles):
-            z = st.z[self.users, k] - 1
+            z = st.z[self.all_users, k] - 1
             out[p.name] = {
                 "usage": usage(z, p.codebook_size).tolist(),
                 "perplexity": float(perplexity(z, p.codebook_size)),
@@ -350,6 +405,63 @@ class ProfileFitter:
             out.append([w[(start + i) % len(w)] for i in range(min(cap, len(w)))])
         return out
 
+    # ------------------------------------------------------------------ new users
+    def infer(self, users: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """Fit only ``users``' residuals with the LM, shared prompt and codebooks frozen; return their codes.
+
+        Each user gets the training budget (``epochs`` x ``inner_steps`` updates, one window each). The
+        codeword prior is left out (a new user has no code yet); the L2 prior is kept.
+        Returns 1-based codes [len(users), m], also written into ``state.z``.
+        """
+        cfg, st, prof = self.cfg, self.state, self.profiles
+        if st.z is None or not st.codebooks:
+            raise ValueError("infer needs a fitted model (codebooks)")
+        users = torch.as_tensor(users, dtype=torch.long)
+        r = self.rows(users)
+        prof.table[r] = 0.0
+        self.user_opt.exp_avg[r] = 0.0
+        self.user_opt.exp_avg_sq[r] = 0.0
+        self.user_opt.steps[r] = 0
+        saved_beta, self.cfg.prior_beta = cfg.prior_beta, 0.0
+        try:
+            for epoch in tqdm(range(cfg.epochs), desc="infer", disable=not progress, leave=False):
+                for s in range(0, len(users), cfg.batch_users):
+                    batch = users[s : s + cfg.batch_users]
+                    windows = self._epoch_windows(batch, epoch)
+                    for j in range(cfg.inner_steps):
+                        self.train_step(batch, [w[j % len(w)] for w in windows], update_shared=False)
+        finally:
+            self.cfg.prior_beta = saved_beta
+        with torch.no_grad():
+            personal = prof.personal(r, None if prof.residual else prof.population(self.pop_rows))
+            for k, p in enumerate(cfg.profiles):
+                x = prepare_for_codes(personal[:, k, : p.n_tokens].flatten(1), center=st.mu[k, : p.n_tokens].flatten())
+                idx, _ = assign(x, st.codebooks[p.name])
+                st.z[users, k] = idx + 1
+        return st.z[users].clone()
+
+    def load_fitted(self, profiles_dir: str | Path) -> None:
+        """Load a fit's published state (shared prompt, codebooks, centre/scale, codes) for new-user inference."""
+        from userip.quantize import load_codebooks
+
+        profiles_dir = Path(profiles_dir)
+        t = load_file(str(profiles_dir / "profiles.safetensors"))
+        cbs = load_codebooks(profiles_dir / "codebooks.safetensors")
+        st = self.state
+        st.codebooks = {p.name: cbs[p.name].clone() for p in self.cfg.profiles}
+        st.mu, st.scale = t["code_center"].clone(), t["code_scale"].clone()
+        self.profiles.shared.copy_(t["shared"])
+        n_old = t["theta"].shape[0]
+        st.z = torch.zeros(self.corpus.n_users + 1, self.profiles.m, dtype=torch.long)
+        fitted = (t["theta"].flatten(1).abs().sum(1) > 0).nonzero().flatten()
+        if self.profiles.residual:
+            self.pop_rows = torch.zeros(0, dtype=torch.long)
+        else:  # the plain table's population prompt is the fitted users' mean theta
+            self.profiles.table[self.rows(fitted)] = t["theta"][fitted]
+            self.pop_rows = self.rows(fitted)
+        if n_old > self.corpus.n_users + 1:
+            raise ValueError("the fitted table is larger than this corpus")
+
     # ------------------------------------------------------------------ checkpoints
     def _snapshot(self) -> dict[str, torch.Tensor]:
         st = self.state
@@ -362,17 +474,22 @@ class ProfileFitter:
     def _restore(self, snap: dict[str, torch.Tensor]) -> None:
         st = self.state
         self.profiles.load_state_dict({"shared": snap["profiles.shared"], "table": snap["profiles.table"]})
-        for k in list(st.codebooks):
-            if f"codebook.{k}" in snap:
-                st.codebooks[k] = snap[f"codebook.{k}"].clone()
+        for p in self.cfg.profiles:
+            if f"codebook.{p.name}" in snap:
+                st.codebooks[p.name] = snap[f"codebook.{p.name}"].clone()
         if "z" in snap:
             st.z, st.mu, st.scale = snap["z"].clone(), snap["mu"].clone(), snap["scale"].clone()
 
+    def _shard_name(self, epoch: int) -> str:
+        return f"epoch{epoch:04d}.rank{self.dist.rank}-of-{self.dist.world}.safetensors"
+
     def _checkpoint(self) -> None:
+        """Each rank writes its shard for this epoch; then rank 0 commits by pointing last.json at the epoch."""
         if self.out_dir is None:
             return
         ck = self.out_dir / "checkpoints"
         ck.mkdir(parents=True, exist_ok=True)
+        st = self.state
         tensors = self._snapshot()
         tensors.update({f"user_opt.{k}": v for k, v in self.user_opt.state_dict().items()})
         tensors.update({f"shared_opt.{k}": v for k, v in self.shared_opt.state_dict().items()})
@@ -381,19 +498,24 @@ class ProfileFitter:
             for i, s in enumerate(self.joint_opt.state.values()):
                 tensors.update({f"joint_opt.{i}.{k}": v for k, v in s.items()})
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        with atomic_path(ck / "last.safetensors") as tmp:
+        with atomic_path(ck / self._shard_name(st.epoch)) as tmp:
             save_file(tensors, str(tmp))
-        st = self.state
-        write_json(ck / "last.json", {
-            "epoch": st.epoch, "metrics": st.metrics, "best_epoch": st.best_epoch, "best_nll": st.best_nll,
-            "bad_epochs": st.bad_epochs, "config": self.cfg.to_dict(),
-        })
+        self.dist.barrier()  # every shard of this epoch is on disk before the commit
+        if self.dist.is_main:
+            write_json(ck / "last.json", {
+                "epoch": st.epoch, "world": self.dist.world, "metrics": st.metrics, "best_epoch": st.best_epoch,
+                "best_nll": st.best_nll, "bad_epochs": st.bad_epochs, "config": self.cfg.to_dict(),
+            })
+        self.dist.barrier()
+        for old in ck.glob(f"epoch*.rank{self.dist.rank}-of-{self.dist.world}.safetensors"):
+            if old.name != self._shard_name(st.epoch):
+                old.unlink(missing_ok=True)
 
     def _resume(self) -> None:
         if self.out_dir is None:
             return
         ck = self.out_dir / "checkpoints"
-        if not (ck / "last.json").exists() or not (ck / "last.safetensors").exists():
+        if not (ck / "last.json").exists():
             return
         meta = read_json(ck / "last.json")
         saved = dict(meta["config"])
@@ -401,16 +523,14 @@ class ProfileFitter:
         for key in ("epochs", "patience", "threads"):  # may change between a run and its continuation
             saved.pop(key, None)
             now.pop(key, None)
-        if saved != now:
-            log.warning("checkpoint in %s was made with another config: starting afresh", ck)
+        shard = ck / self._shard_name(meta["epoch"])
+        if saved != now or meta.get("world", 1) != self.dist.world or not shard.exists():
+            log.warning("checkpoint in %s does not match this config or process count: starting afresh", ck)
             return
-        t = load_file(str(ck / "last.safetensors"))
+        t = load_file(str(shard))
         st = self.state
         st.epoch, st.metrics = meta["epoch"], meta["metrics"]
         st.best_epoch, st.best_nll, st.bad_epochs = meta["best_epoch"], meta["best_nll"], meta["bad_epochs"]
-        for p in self.cfg.profiles:
-            if f"codebook.{p.name}" in t:
-                st.codebooks[p.name] = t[f"codebook.{p.name}"].clone()
         self._restore(t)
         self.user_opt.load_state_dict({k: t[f"user_opt.{k}"] for k in ("exp_avg", "exp_avg_sq", "steps")})
         self.shared_opt.load_state_dict({k: t[f"shared_opt.{k}"] for k in ("exp_avg", "exp_avg_sq", "steps")})
@@ -418,7 +538,7 @@ class ProfileFitter:
         if self.cfg.mode == "joint" and st.codebooks:
             leaves = [st.codebooks[p.name].requires_grad_(True) for p in self.cfg.profiles]
             self.joint_opt = torch.optim.Adam(leaves, lr=self.cfg.lr_shared)
-            states = {}
+            states: dict[int, dict[str, torch.Tensor]] = {}
             for k, v in t.items():
                 if k.startswith("joint_opt."):
                     _, i, name = k.split(".", 2)
@@ -428,62 +548,6 @@ class ProfileFitter:
                     self.joint_opt.state[leaf] = states[i]
         log.info("resumed from %s after epoch %d", ck, st.epoch)
 
-    # ------------------------------------------------------------------ new users
-    def infer(self, users: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """Fit only ``users``' residuals with the LM, shared prompt and codebooks frozen; return their codes.
-
-        Each user gets the same budget as in training (``epochs * min(windows, cap)`` updates, one window
-        each); the codeword prior is left out because a new user has no code yet, the L2 prior is kept.
-        Returns 1-based codes [len(users), m], also written into ``state.z``.
-        """
-        cfg, st, prof = self.cfg, self.state, self.profiles
-        if st.z is None or not st.codebooks:
-            raise ValueError("infer needs a fitted model (codebooks)")
-        users = torch.as_tensor(users, dtype=torch.long)
-        prof.table[users] = 0.0
-        self.user_opt.exp_avg[users] = 0.0
-        self.user_opt.exp_avg_sq[users] = 0.0
-        self.user_opt.steps[users] = 0
-        saved_beta, self.cfg.prior_beta = cfg.prior_beta, 0.0
-        try:
-            for epoch in tqdm(range(cfg.epochs), desc="infer", disable=not progress, leave=False):
-                for s in range(0, len(users), cfg.batch_users):
-                    batch = users[s : s + cfg.batch_users]
-                    windows = self._epoch_windows(batch, epoch)
-                    for j in range(cfg.inner_steps):
-                        self.train_step(batch, [w[j % len(w)] for w in windows], update_shared=False)
-        finally:
-            self.cfg.prior_beta = saved_beta
-        with torch.no_grad():
-            personal = prof.personal(users, None if prof.residual else prof.population(self.pop_users))
-            for k, p in enumerate(cfg.profiles):
-                x = prepare_for_codes(personal[:, k, : p.n_tokens].flatten(1), center=st.mu[k, : p.n_tokens].flatten())
-                idx, _ = assign(x, st.codebooks[p.name])
-                st.z[users, k] = idx + 1
-        return st.z[users].clone()
-
-    def load_fitted(self) -> None:
-        """Load the best fitted state from ``out_dir/checkpoints`` (for inference on new users)."""
-        assert self.out_dir is not None
-        ck = self.out_dir / "checkpoints" / "last.safetensors"
-        if not ck.exists():
-            raise FileNotFoundError(ck)
-        t = load_file(str(ck))
-        snap = {k[len("best."):]: v for k, v in t.items() if k.startswith("best.")} or t
-        for p in self.cfg.profiles:
-            self.state.codebooks[p.name] = snap[f"codebook.{p.name}"].clone()
-        # the fitted table may have fewer rows than this one (new users are appended after the fitted rows)
-        n_old = snap["profiles.table"].shape[0]
-        if n_old > self.profiles.table.shape[0]:
-            raise ValueError(f"checkpoint has {n_old} table rows, more than this corpus can hold")
-        st = self.state
-        st.z = torch.zeros(self.profiles.table.shape[0], self.profiles.m, dtype=torch.long)
-        st.z[:n_old] = snap["z"]
-        st.mu, st.scale = snap["mu"].clone(), snap["scale"].clone()
-        self.profiles.shared.copy_(snap["profiles.shared"])
-        self.profiles.table[:n_old] = snap["profiles.table"]
-        self.pop_users = (snap["z"][:, 0] > 0).nonzero().flatten()
-
     # ------------------------------------------------------------------ results
     def assignments(self) -> torch.Tensor:
         """1-based code per fitted user and profile [U+1, m] (0 for users not fitted)."""
@@ -491,16 +555,17 @@ class ProfileFitter:
         return self.state.z.clone()
 
     def theta_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(theta, personal) for every row of the table; rows of users not fitted are zero."""
+        """(theta, personal) per user index [U+1, m, n, H], every rank's users; rows of users not fitted are 0."""
         prof = self.profiles
-        all_rows = torch.arange(self.corpus.n_users + 1)
-        centre = None if prof.residual else prof.population(self.users)
-        personal = prof.personal(all_rows, centre)
-        theta = prof.base(self.users) + personal
-        fitted = torch.zeros(len(all_rows), dtype=torch.bool)
-        fitted[self.users] = True
-        theta[~fitted] = 0
-        personal[~fitted] = 0
+        n_rows = self.corpus.n_users + 1
+        centre = None if prof.residual else prof.population(self.pop_rows)
+        r = self.rows(self.users)
+        personal = torch.zeros(n_rows, prof.m, prof.n, prof.hidden)
+        personal[self.users] = prof.personal(r, centre)
+        theta = torch.zeros_like(personal)
+        theta[self.users] = prof.base(self.pop_rows) + personal[self.users]
+        self.dist.all_reduce(personal)
+        self.dist.all_reduce(theta)
         return theta.contiguous(), personal.contiguous()
 
 

@@ -17,10 +17,14 @@ from userip.profile.template import Batch, PromptLayout, attention_mask, build_l
 
 
 class SoftProfiles:
-    """The trainable state: shared prompt [m, n, H] and per-user table [U+1, m, n, H] (fp32 masters)."""
+    """The trainable state: shared prompt [m, n, H] and a per-user table [rows, m, n, H] (fp32 masters).
+
+    Row 0 is the unknown user. ``local_users`` (sorted global user indices) keeps only those users' rows,
+    in that order from row 1 (a rank of a sharded fit); None keeps one row per user index.
+    """
 
     def __init__(self, cfg: ProfileConfig, n_users: int, hidden: int, text_init: torch.Tensor | None,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, local_users: torch.Tensor | None = None) -> None:
         m = len(cfg.profiles)
         n = max(p.n_tokens for p in cfg.profiles)
         self.cfg, self.m, self.n, self.hidden = cfg, m, n, hidden
@@ -28,40 +32,40 @@ class SoftProfiles:
             base = text_init.float().clone()
         else:
             base = (torch.rand(m, n, hidden, generator=generator) * 0.2 - 0.1)
+        # draw the whole table, then keep the local rows: a user's init does not depend on the sharding
         if cfg.table == "residual":
             self.shared = base.clone()
-            self.table = torch.randn(n_users + 1, m, n, hidden, generator=generator) * cfg.delta_init_std
+            table = torch.randn(n_users + 1, m, n, hidden, generator=generator) * cfg.delta_init_std
         else:
             self.shared = torch.zeros(m, n, hidden)  # unused, kept so theta() has one formula
             if cfg.init == "uniform":
-                self.table = torch.rand(n_users + 1, m, n, hidden, generator=generator) * 0.2 - 0.1
+                table = torch.rand(n_users + 1, m, n, hidden, generator=generator) * 0.2 - 0.1
             else:
-                self.table = base[None].repeat(n_users + 1, 1, 1, 1)
-                self.table += torch.randn(self.table.shape, generator=generator) * cfg.delta_init_std
+                table = base[None].repeat(n_users + 1, 1, 1, 1)
+                table += torch.randn(table.shape, generator=generator) * cfg.delta_init_std
+        if local_users is not None:
+            table = table[torch.cat([torch.zeros(1, dtype=torch.long), local_users])]
+        self.table = table
         self.table[0] = 0.0
 
     @property
     def residual(self) -> bool:
         return self.cfg.table == "residual"
 
-    def theta(self, rows: torch.Tensor, table_rows: torch.Tensor | None = None) -> torch.Tensor:
-        t = self.table[rows] if table_rows is None else table_rows
-        return self.shared + t if self.residual else t
+    def population(self, rows: torch.Tensor) -> torch.Tensor:
+        """Centre of the table over ``rows`` ([m, n, H])."""
+        return self.table[rows].mean(0)
 
-    def population(self, users: torch.Tensor) -> torch.Tensor:
-        """Centre of the personal part over ``users`` ([m, n, H])."""
-        return self.table[users].mean(0)
-
-    def personal(self, users: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
-        """User-specific part: the residual (residual table) or theta minus the users' mean (plain table)."""
-        t = self.table[users]
+    def personal(self, rows: torch.Tensor, centre: torch.Tensor | None = None) -> torch.Tensor:
+        """User-specific part: the residual (residual table) or theta minus the population (plain table)."""
+        t = self.table[rows]
         if self.residual:
             return t
-        return t - (self.population(users) if centre is None else centre)
+        return t - (self.population(rows) if centre is None else centre)
 
-    def base(self, users: torch.Tensor) -> torch.Tensor:
+    def base(self, pop_rows: torch.Tensor) -> torch.Tensor:
         """The population prompt theta = base + personal is built on: shared, or the plain table's mean."""
-        return self.shared if self.residual else self.population(users)
+        return self.shared if self.residual else self.population(pop_rows)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"shared": self.shared.clone(), "table": self.table.clone()}
