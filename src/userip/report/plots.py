@@ -53,7 +53,7 @@ def ctr_auc(runs: pd.DataFrame, path: Path) -> Path:
     """Mean test AUC (all users) per variant with seed std, one panel per setting, a bar group per backbone."""
     r = runs[runs["slice"] == "all"]
     settings = list(dict.fromkeys(r["setting"]))
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.4), squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=True):
         s = r[r["setting"] == setting].groupby(["backbone", "variant"], sort=False)["auc"].agg(["mean", "std"])
         table = s["mean"].unstack("variant")
@@ -62,7 +62,7 @@ def ctr_auc(runs: pd.DataFrame, path: Path) -> Path:
         lo = float(table.min().min())
         ax.set_ylim(lo - 0.01, float(table.max().max()) + 0.01)
         ax.set(title=f"test AUC, {setting}", ylabel="AUC", xlabel="")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))
         ax.tick_params(axis="x", rotation=0)
     return _save(fig, path)
 
