@@ -12,12 +12,11 @@ import torch.multiprocessing as mp
 import yaml
 from typer.testing import CliRunner
 
+from test_profile import planted_corpus
+from test_run import write_world
 from userip.cli import app
 from userip.llm import tiny_llm
 from userip.profile import Corpus, ProfileConfig, ProfileFitter
-
-from .test_profile import planted_corpus
-from .test_run import write_world
 
 
 def _cfg():
