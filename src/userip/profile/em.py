@@ -156,8 +156,9 @@ class ProfileFitter:
             m["wall_s"] = time.perf_counter() - t0
             m["rss_mb"] = _rss_mb()
             st.metrics.append(m)
-            if m["heldout"]["own"] < st.best_nll - 1e-6:
-                st.best_nll, st.best_epoch, st.bad_epochs = m["heldout"]["own"], st.epoch, 0
+            score = m["heldout"]["own"] if "heldout" in m else m["train_nll"]  # no held-out users: train NLL
+            if score < st.best_nll - 1e-6:
+                st.best_nll, st.best_epoch, st.bad_epochs = score, st.epoch, 0
                 self.best = self._snapshot()
             else:
                 st.bad_epochs += 1
