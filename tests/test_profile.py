@@ -220,3 +220,26 @@ def test_infer_new_users_mostly_recovers_their_fitted_codes(llm, tmp_path):
     assert torch.equal(inf.profiles.table[1:33], before), "fitted users' rows must not move"
     agree = (z == fitted[users]).all(1).float().mean().item()
     assert agree >= 0.7, f"only {agree:.0%} of re-inferred users got their fitted codes"
+
+
+def test_fast_loss_equals_the_naive_hf_loss(llm):
+    """The fast path (LM head at target positions only, chunked CE, 4-D mask) scores exactly what the naive
+    HF call with labels= over the full vocabulary at every position scores (causal mask, fp32)."""
+    cfg = small_cfg(mask="causal", ce_chunk=7)  # a chunk size that splits rows mid-way
+    scorer = Scorer(llm, cfg)
+    tok = llm.tokenizer
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in
+            (" Toy Story (1995); Heat (1995)", " Casino (1995)", " crime thriller; war western; love music")]
+    batch = make_batch(rows)
+    theta = torch.randn(3, 2, 1, 32)
+    with torch.no_grad():
+        sums, counts = scorer.row_nll(theta, batch)
+        x = scorer.embed_rows(theta, batch)
+        P = scorer.layout.prefix_len
+        L = x.shape[1]
+        attn = (torch.arange(L)[None] < (P + batch.lengths)[:, None]).long()
+        labels = torch.full((3, L), -100)
+        for i, r in enumerate(rows):
+            labels[i, P : P + len(r)] = torch.tensor(r)
+        ref = llm.model(inputs_embeds=x, attention_mask=attn, labels=labels).loss
+    assert torch.allclose(sums.sum() / counts.sum(), ref, atol=1e-5), (float(sums.sum() / counts.sum()), float(ref))
