@@ -41,3 +41,18 @@ def measure(interval: float = 0.1) -> Iterator[StageUsage]:
         peak[0] = max(peak[0], proc.memory_info().rss)
         usage.wall_s = time.perf_counter() - t0
         usage.peak_rss_mb = peak[0] / 2**20
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS (glibc ``malloc_trim``).
+
+    Batches of varying length leave the allocator's arenas fragmented, so RSS creeps up epoch after epoch
+    (3.9 -> 4.5 GB over two epochs of the default fit); trimming now and then keeps it at the working set.
+    """
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from userip.errors import UseripError
 from userip.io import read_json, read_yaml, write_json, write_yaml
-from userip.monitor import measure
+from userip.monitor import measure, release_memory
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -201,17 +201,6 @@ class Runner:
         return {"files": [str(p.relative_to(self.out)) for p in paths]}
 
 
-def _release_memory() -> None:
-    """Hand freed heap back to the OS between stages, so one stage's peak does not stay as the next one's floor."""
-    import contextlib
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _cardinalities(profiles_dir: Path) -> dict[str, int]:
     conf = read_yaml(profiles_dir / "config.yaml")
     return {p["name"]: int(p["codebook_size"]) for p in conf["profiles"]}
@@ -247,7 +236,7 @@ def run(config: str | Path | None = None, out: str | Path | None = None, *, quic
         fn: Callable[[], dict[str, Any]] = getattr(runner, stage)
         with measure() as usage:
             info = fn()
-        _release_memory()
+        release_memory()
         done[stage] = {"key": keys[stage], "status": "done", "wall_s": round(usage.wall_s, 2),
                        "peak_rss_mb": round(usage.peak_rss_mb, 1), "info": info,
                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from userip.errors import UseripError
 from userip.io import atomic_path, read_json, write_json
+from userip.monitor import release_memory
 from userip.profile.config import ProfileConfig
 from userip.profile.dist import Dist
 from userip.profile.model import Scorer, SoftProfiles, text_init_embeddings
@@ -147,6 +148,8 @@ class ProfileFitter:
                     s, n = self.train_step(users, rows, update_shared=(j == cfg.inner_steps - 1))
                     nll_sum, tok_sum = nll_sum + s, tok_sum + n
                 bar.set_postfix(nll=f"{nll_sum / max(tok_sum, 1):.3f}")
+                if b % 8 == 7:
+                    release_memory()
             self.m_step(g, iters=cfg.kmeans_iters if cfg.mode == "em" else 0)  # joint: refresh for reporting
             st.epoch += 1
             totals = self.dist.all_reduce(torch.tensor([nll_sum, tok_sum], dtype=torch.float64))
