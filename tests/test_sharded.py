@@ -59,7 +59,9 @@ def _m_step_worker(rank: int, world: int, port: int, out: str) -> None:
             torch.save({"codebooks": f.state.codebooks, "z": f.state.z, "mu": f.state.mu, "scale": f.state.scale,
                         "eval_users": ev["eval_users"]}, out)
     finally:
+        dist.barrier()
         dist.destroy_process_group()
+    os._exit(0)  # as in userip.profile.fit: skip teardown, where gloo threads can abort a finished process
 
 
 def test_m_step_is_identical_across_process_counts(tmp_path):

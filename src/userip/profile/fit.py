@@ -57,7 +57,17 @@ def main(argv: list[str] | None = None) -> None:
             Console().print(summary_table(metrics))
             print(f"wrote {a.out} with {world} processes in {metrics['wall_s']:.0f}s")
     finally:
-        dist.destroy_process_group()
+        # every rank reaches the end before any tears down gloo: a rank that exits while its peer still holds
+        # the connection can abort at shutdown ("terminate called without an active exception")
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    # Skip the interpreter's teardown: gloo's worker threads can still be alive when C++ statics are destroyed,
+    # which aborts a finished rank ("terminate called without an active exception"). Outputs are on disk.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
