@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from userip.errors import UseripError
 
@@ -26,7 +27,7 @@ app.add_typer(bank_app, name="bank")
 app.add_typer(ctr_app, name="ctr")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # never break a path in an error message
 
 
 def _friendly(fn):
@@ -37,7 +38,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except UseripError as e:
-            err_console.print(f"[bold red]error:[/] {e}")
+            err_console.print("[bold red]error:[/]", escape(str(e)))
             raise typer.Exit(2) from None
 
     return wrapper
