@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from userip.data import ctr_examples, format_stats, load_prepared, prepare
-from userip.data.ml100k import RECBOLE_SHA256, sha256_file
+from userip.data.ml100k import RECBOLE_SHA256
+from userip.io import sha256_file
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,6 @@ Kept apart from the backends: a location is a SQLite path / ``sqlite:///path`` o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from userip.bank.protocol import (
     validate_ids_table,
 )
 from userip.errors import InputError, UseripError
+from userip.io import sha256_file
 
 __all__ = ["build_bank", "import_parquet", "open_bank", "read_profiles_dir"]
 
@@ -69,13 +69,6 @@ def open_bank(url_or_path: str | os.PathLike, *, create: bool = False, reload: b
         return RedisBank(location, create=create, reload=reload)
     raise AssertionError(backend)  # pragma: no cover - _backend_for only returns known backends
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
@@ -140,7 +133,7 @@ def read_profiles_dir(profiles_dir: str | os.PathLike) -> tuple[pd.DataFrame, di
         {
             "model": str(config["model"]),
             "template": str(config["template"]),
-            "codebook_hash": _sha256(cb_path),
+            "codebook_hash": sha256_file(cb_path),
             "profiles": meta_profiles,
             "data_fingerprint": str(config["data_fingerprint"]),
         },

@@ -25,7 +25,7 @@ import pandas as pd
 
 from userip.data.readers import RawTables, parse_year, render_title, to_float, to_ids, to_timestamp, to_titles
 from userip.errors import InputError, UseripError
-from userip.io import atomic_dir
+from userip.io import atomic_dir, sha256_file
 from userip.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,6 @@ OFFICIAL_GENRES = [
 ]  # fmt: skip
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sha256_bytes(b: bytes) -> str:

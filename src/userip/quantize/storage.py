@@ -9,7 +9,6 @@ The layout is the standard safetensors format, so any safetensors reader loads i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -104,8 +103,6 @@ def read_codebook_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def codebook_hash(path: str | os.PathLike) -> str:
     """sha256 hex digest of the file bytes: stable across runs because the writer is deterministic."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from userip.io import sha256_file
+
+    return sha256_file(path)

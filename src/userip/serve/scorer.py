@@ -19,7 +19,6 @@ client could rank): they are reported in ``unknown_items`` instead.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from userip.errors import UseripError
+from userip.io import sha256_file
 
 log = logging.getLogger("userip.serve")
 
@@ -129,13 +129,6 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, ctr_dir: Path, meta: di
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def find_explanations(bank: object, ctr_dir: Path, meta: dict) -> Path | None:
     """``explanations.json`` of the run: next to the bank, the ctr dir, or in the profiles dir."""
@@ -171,7 +164,7 @@ def load_explanations(
     cb_hash = bank_meta.get("codebook_hash")
     pdir = raw.get("profiles_dir")
     cb_file = Path(pdir) / "codebooks.safetensors" if pdir else None
-    if cb_hash and cb_file is not None and cb_file.is_file() and _sha256(cb_file) != cb_hash:
+    if cb_hash and cb_file is not None and cb_file.is_file() and sha256_file(cb_file) != cb_hash:
         log.warning("ignoring explanations %s: made for other codebooks than the bank's", path)
         return {}, "made for other codebooks than the bank's"
     sizes = {p["name"]: p["size"] for p in bank_meta.get("profiles", [])}
