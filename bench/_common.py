@@ -202,30 +202,10 @@ def temp_dir(tag: str) -> Path:
 
 
 def write_world(d: Path, n_users: int = 40, n_items: int = 50, seed: int = 0) -> Path:
-    """Generic interaction CSVs for a tiny `userip run` (two taste groups; same shape as tests/test_run.py)."""
-    import pandas as pd
+    """Generic interaction CSVs for a tiny `userip run` (the same world the tests use)."""
+    from userip.data.synthetic import write_taste_world
 
-    genres = ["Action", "Comedy", "Drama", "Sci-Fi", "Children's"]
-    rng = np.random.default_rng(seed)
-    d.mkdir(parents=True, exist_ok=True)
-    item_genre = rng.integers(0, len(genres), n_items)
-    rows = []
-    for u in range(1, n_users + 1):
-        fav = {0, 1} if u % 2 else {2, 3}
-        t = 880_000_000 + u * 977
-        for i in rng.choice(n_items, size=int(rng.integers(15, 30)), replace=False):
-            t += int(rng.integers(60, 86_400))
-            liked = item_genre[i] in fav
-            rows.append((f"u{u}", f"m{i + 1}", int(rng.choice([4, 5]) if liked else rng.choice([1, 2, 3])), t))
-    pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"]).to_csv(d / "inter.csv", index=False)
-    pd.DataFrame({"item_id": [f"m{i + 1}" for i in range(n_items)],
-                  "title": [f"{genres[g]} story number {i + 1}" for i, g in enumerate(item_genre)],
-                  "genres": [genres[g] for g in item_genre]}).to_csv(d / "items.csv", index=False)
-    pd.DataFrame({"user_id": [f"u{u}" for u in range(1, n_users + 1)],
-                  "age": rng.integers(16, 60, n_users), "gender": ["M", "F"] * (n_users // 2),
-                  "occupation": [["student", "engineer"][u % 2] for u in range(n_users)]}).to_csv(
-        d / "users.csv", index=False)
-    return d
+    return write_taste_world(d, n_users=n_users, n_items=n_items, seed=seed)
 
 
 def peak_rss_mb() -> float:

@@ -159,9 +159,8 @@ def read_profiles_dir(profiles_dir: str | os.PathLike) -> tuple[pd.DataFrame, di
     return table, meta
 
 
-def build_bank(profiles_dir: str | os.PathLike, out: str | os.PathLike) -> FeatureBank:
-    """Build (or atomically rebuild) the bank at ``out`` from a PROFILES dir; returns it opened."""
-    table, meta = read_profiles_dir(profiles_dir)
+def _build_into(out: str | os.PathLike, table: pd.DataFrame, meta: dict[str, Any]) -> FeatureBank:
+    """Open (creating) the bank at ``out``, build it atomically, return it open; closed again on failure."""
     bank = open_bank(out, create=True)
     try:
         bank.build(table, meta)
@@ -169,6 +168,12 @@ def build_bank(profiles_dir: str | os.PathLike, out: str | os.PathLike) -> Featu
         bank.close()
         raise
     return bank
+
+
+def build_bank(profiles_dir: str | os.PathLike, out: str | os.PathLike) -> FeatureBank:
+    """Build (or atomically rebuild) the bank at ``out`` from a PROFILES dir; returns it opened."""
+    table, meta = read_profiles_dir(profiles_dir)
+    return _build_into(out, table, meta)
 
 
 def import_parquet(
@@ -202,10 +207,4 @@ def import_parquet(
             ) from None
     meta = normalise_meta(meta, source=path)
     validate_ids_table(table, meta, source=path)
-    bank = open_bank(out, create=True)
-    try:
-        bank.build(table, meta)
-    except BaseException:
-        bank.close()
-        raise
-    return bank
+    return _build_into(out, table, meta)
