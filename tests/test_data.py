@@ -355,7 +355,7 @@ def test_load_prepared_round_trip(prepared, tmp_path: Path) -> None:
     files = sorted(p.name for p in (tmp_path / "data").iterdir())
     assert files == sorted(
         ["interactions.parquet", "items.parquet", "users.parquet", "id_maps.json", "split.json", "stats.json",
-         "config.yaml"]
+         "config.yaml", ".userip.json"]
     )  # fmt: skip
     expected = hashlib.sha256()
     for name, ids in (("users", back.id_maps["user"]), ("items", back.id_maps["item"])):
@@ -405,7 +405,7 @@ def test_failed_prepare_leaves_no_output(
     good = prepare(tmp_path / "out", **args)
     monkeypatch.setattr(mod, "write_yaml", boom)
     with pytest.raises(RuntimeError):
-        prepare(tmp_path / "out", **args)
+        prepare(tmp_path / "out", overwrite=True, **args)
     assert load_prepared(tmp_path / "out").fingerprint == good.fingerprint
 
 
@@ -452,7 +452,7 @@ def test_cli_prepare_and_stats(tmp_path: Path, csv_dataset: CsvDataset, data_cac
     assert res.exit_code == 0 and "users 10" in " ".join(res.output.split())
     bad = tmp_path / "bad.csv"
     bad.write_text("uid,iid,stars\n1,2,3\n")
-    res = runner.invoke(app, [*args[:5], str(bad), *args[6:]])
+    res = runner.invoke(app, [*args[:5], str(bad), *args[6:], "--overwrite"])
     text = " ".join(res.output.split())
     assert res.exit_code == 2
     assert "missing interactions column 'ts'" in text and "Traceback" not in text

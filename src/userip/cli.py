@@ -27,6 +27,7 @@ app.add_typer(bank_app, name="bank")
 app.add_typer(ctr_app, name="ctr")
 
 console = Console()
+OVERWRITE_HELP = "Replace a finished output of this command in --out (only the files userip wrote there)."
 err_console = Console(stderr=True, soft_wrap=True)  # never break a path in an error message
 
 
@@ -48,19 +49,21 @@ def _friendly(fn):
 @data_app.command("prepare")
 @_friendly
 def data_prepare(
-    out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
+    out: Path = typer.Option(..., "--out", help="Output directory: new, empty, or a DATA dir userip wrote."),
     dataset: str | None = typer.Option(None, "--dataset", help="Built-in dataset: ml-100k."),
     interactions: Path | None = typer.Option(None, "--interactions", help="CSV/Parquet interactions file."),
     items: Path | None = typer.Option(None, "--items", help="CSV/Parquet items file."),
     users: Path | None = typer.Option(None, "--users", help="CSV/Parquet users file (optional)."),
     config: Path | None = typer.Option(None, "--config", help="YAML config (column mapping, split)."),
     source: Path | None = typer.Option(None, "--source", help="Local directory holding ML-100K files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Load a dataset, split it per user in time order, write Parquet tables + stats.json."""
     from userip.data import format_stats, prepare
 
     data = prepare(
-        out, dataset=dataset, interactions=interactions, items=items, users=users, config=config, source=source
+        out, dataset=dataset, interactions=interactions, items=items, users=users, config=config, source=source,
+        overwrite=overwrite,
     )
     console.print(format_stats(data.stats))
 

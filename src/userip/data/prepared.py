@@ -1,8 +1,9 @@
 """`prepare` (raw logs -> DATA dir) and `PreparedData` (the DATA dir in memory), plus stats helpers.
 
 The DATA dir is the only thing later stages read, so it is self-describing: the three tables, the id maps,
-the split, the stats and the exact `DataConfig` that produced them. It is written with `atomic_dir`, so a
-crash never leaves a half-written directory that a later stage could mistake for a complete one.
+the split, the stats and the exact `DataConfig` that produced them. It is written with `userip.io.output_dir`
+(built in a temp dir, moved in, then marked complete), so a crash never leaves a half-written directory
+that a later stage could mistake for a complete one, and files userip did not write are never touched.
 """
 
 from __future__ import annotations
@@ -22,19 +23,20 @@ from userip.data.config import ConfigError, DataConfig
 from userip.data.readers import RawTables, check_tables, read_generic
 from userip.data.split import SPLITS, assign_split, resolve_cut
 from userip.errors import InputError, UseripError
-from userip.io import atomic_dir, read_json, read_yaml, write_json, write_yaml
+from userip.io import (
+    OUTPUT_FILES,
+    check_output_dir,
+    output_dir,
+    read_json,
+    read_yaml,
+    require_complete,
+    write_json,
+    write_yaml,
+)
 
 log = logging.getLogger(__name__)
 
-DATA_FILES = (
-    "interactions.parquet",
-    "items.parquet",
-    "users.parquet",
-    "id_maps.json",
-    "split.json",
-    "stats.json",
-    "config.yaml",
-)
+DATA_FILES = OUTPUT_FILES["data"]
 
 
 # ---------------------------------------------------------------------------------------------- PreparedData
@@ -159,8 +161,12 @@ def prepare(
     source: PathLike | None = None,
     max_users: int | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> PreparedData:
     """Load a dataset, re-index ids, label, split, and write the DATA dir ``out`` atomically.
+
+    ``out`` must be new, empty or a DATA dir userip wrote; a finished one is replaced only with
+    ``overwrite=True``, and files userip did not write are never removed.
 
     ``max_users`` keeps a seeded random subset of users (and their interactions): a small slice for a quick
     first look (`userip run --quick`) that every later stage sees consistently.
@@ -169,6 +175,7 @@ def prepare(
     ``interactions`` + ``items`` (+ ``users``) files with the column mapping of ``config``. All input checks
     run before anything is written.
     """
+    check_output_dir(out, "data", overwrite=overwrite)  # refuse a user's folder before any work
     cfg = resolve_config(config, dataset)
     interactions = interactions if interactions is not None else cfg.interactions
     items = items if items is not None else cfg.items
@@ -199,7 +206,7 @@ def prepare(
         raw = subset_users(raw, int(max_users), seed)
         name = f"{name}-{int(max_users)}users-seed{seed}"
     data = build(raw, cfg, name)
-    write_prepared(data, out)
+    write_prepared(data, out, overwrite=overwrite)
     data.path = Path(out)
     return data
 
@@ -362,8 +369,8 @@ def compute_stats(
     }
 
 
-def write_prepared(data: PreparedData, out: PathLike) -> None:
-    """Write all DATA files into a temp dir that replaces ``out`` only once everything is written."""
+def write_prepared(data: PreparedData, out: PathLike, *, overwrite: bool = False) -> None:
+    """Write all DATA files into a temp dir, moved into ``out`` only once everything is written."""
     split_info: dict[str, Any] = {
         "config": data.config.to_dict()["split"],
         "counts": {s: data.stats["splits"][s]["interactions"] for s in SPLITS},
@@ -376,7 +383,7 @@ def write_prepared(data: PreparedData, out: PathLike) -> None:
             "val_cut": resolve_cut(ts, cfg.val_cut) if cfg.val_cut is not None else None,
             "test_cut": resolve_cut(ts, cfg.test_cut),
         }
-    with atomic_dir(out) as tmp:
+    with output_dir(out, "data", overwrite=overwrite) as tmp:
         data.interactions.to_parquet(tmp / "interactions.parquet", index=False)
         data.items.to_parquet(tmp / "items.parquet", index=False)
         data.users.to_parquet(tmp / "users.parquet", index=False)
@@ -394,6 +401,7 @@ def load_prepared(path: PathLike) -> PreparedData:
         raise InputError(
             path, "prepared data directory not found (run `userip data prepare --out DIR` first)"
         )
+    require_complete(path, "prepared data")
     missing = [f for f in DATA_FILES if not (path / f).is_file()]
     if missing:
         raise InputError(path, f"incomplete prepared data directory: missing {', '.join(missing)}")
