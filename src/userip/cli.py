@@ -92,8 +92,14 @@ def profile_fit(
     table: str | None = typer.Option(None, "--table", help="residual (default) or plain (reference code)."),
     threads: int | None = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
     nproc: int = typer.Option(1, "--nproc", help="Shard users over N processes (torchrun; gloo on CPU)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a finished PROFILES dir in --out (checkpoints included; never other files)."
+    ),
 ) -> None:
-    """Fit soft profiles by EM on the train split and write profiles, codebooks, IDs and metrics."""
+    """Fit soft profiles by EM on the train split and write profiles, codebooks, IDs and metrics.
+
+    An unfinished --out (a killed fit) resumes from its checkpoints, and so does a finished one fitted with
+    the same config (to add --epochs); any other finished --out needs --overwrite."""
     from userip.profile import fit_profiles
     from userip.profile.report import summary_table
 
@@ -107,12 +113,42 @@ def profile_fit(
                 args += [flag, str(value)]
         if mode not in (None, "em") or table not in (None, "residual"):
             raise UseripError("--nproc > 1 supports --mode em with --table residual only")
-        raise typer.Exit(launch(nproc, args))
+        claimed = _claim_profiles(out, overwrite, nproc, config, epochs=epochs, max_users=max_users, seed=seed,
+                                  threads=threads)
+        rc = launch(nproc, args)
+        if rc == 0:
+            claimed.complete()
+        raise typer.Exit(rc)
 
+    claimed = _claim_profiles(out, overwrite, nproc, config, epochs=epochs, max_users=max_users, seed=seed,
+                              mode=mode, table=table, threads=threads)
     metrics = fit_profiles(data, out, model=model, config=config, epochs=epochs, max_users=max_users,
                            seed=seed, mode=mode, table=table, threads=threads)
+    claimed.complete()
     console.print(summary_table(metrics))
     console.print(f"wrote {out} in {metrics['wall_s']:.0f}s, peak RSS {metrics['peak_rss_mb']:.0f} MB")
+
+
+def _claim_profiles(out: Path, overwrite: bool, nproc: int, config: Path | None, **overrides):
+    """Claim --out for a fit; a finished PROFILES dir whose checkpoint has this config is continued."""
+    import json
+
+    from userip.io import claim_output_dir, read_json, read_marker
+    from userip.profile.api import load_config
+
+    marker = read_marker(out) if Path(out).is_dir() else None
+    last = Path(out) / "checkpoints" / "last.json"
+    if not overwrite and marker and marker["kind"] == "profiles" and marker.get("complete") and last.is_file():
+        meta = read_json(last)
+
+        def comparable(d):
+            d = json.loads(json.dumps(d, default=str))
+            return {k: v for k, v in d.items() if k not in ("epochs", "patience", "threads")}
+
+        now = load_config(config, **overrides).to_dict()
+        if comparable(meta.get("config") or {}) == comparable(now) and meta.get("world", 1) == nproc:
+            return claim_output_dir(out, "profiles", overwrite=True, clear=False)  # continue, remove nothing
+    return claim_output_dir(out, "profiles", overwrite=overwrite)
 
 
 @profile_app.command("infer")
@@ -244,6 +280,7 @@ def ctr_train(
     batch_size: int = typer.Option(4096, "--batch-size"),
     lr: float = typer.Option(3e-3, "--lr"),
     threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: torch's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Train CTR backbones with and without the profile IDs (and controls); print the lift table."""
     from userip.ctr import train_ctr
@@ -254,7 +291,7 @@ def ctr_train(
         torch.set_num_threads(threads)
     train_ctr(
         data, bank, profiles, backbones=backbones, seeds=seeds, out=out, variants=variants, settings=settings,
-        max_epochs=max_epochs, batch_size=batch_size, lr=lr,
+        max_epochs=max_epochs, batch_size=batch_size, lr=lr, overwrite=overwrite,
     )
     console.print((out / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
 # ---------------------------------------------------------------- end ctr
@@ -311,14 +348,19 @@ def run_cmd(
     out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<config name>)."),
     quick: bool = typer.Option(False, "--quick", help="A small slice for a first look in a few minutes."),
     seed: int | None = typer.Option(None, "--seed", help="Fixes every RNG of every stage."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start afresh: remove what an earlier run wrote in --out (never other files)."
+    ),
 ) -> None:
-    """The main job: data -> profiles -> bank -> explain -> baselines -> CTR -> probe -> report."""
+    """The main job: data -> profiles -> bank -> explain -> baselines -> CTR -> probe -> report.
+
+    Rerunning into the same --out continues it: finished stages whose config did not change are skipped."""
     from rich.markdown import Markdown
 
     from userip.report import headline
     from userip.run import run
 
-    record = run(config, out, quick=quick, seed=seed)
+    record = run(config, out, quick=quick, seed=seed, overwrite=overwrite)
     run_dir = Path(out) if out is not None else Path("runs") / record["name"]
     console.rule("summary")
     console.print(Markdown("\n".join(f"- {line}" for line in headline(run_dir))))

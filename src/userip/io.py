@@ -40,7 +40,8 @@ OUTPUT_FILES: dict[str, tuple[str, ...]] = {
                  "meta.json", "texts.parquet"),
     "ctr": ("results.json", "results.md", "models/*.safetensors", "models/*.json"),
     "run": ("run.json", "config.yaml", "bank.sqlite", "explanations.json", "probe.json", "probe.md",
-            "report.md", "report.html", "plots/*.png", "baselines/cache/text_profiles.parquet"),
+            "report.md", "report.html", "plots/*.png", "baselines/cache/text_profiles.parquet",
+            ".bank.sqlite.*.building", ".bank.sqlite.*.building-journal"),
 }
 # Sub-directories that are outputs of their own (with their own marker), by parent kind: path -> kind.
 OUTPUT_NESTED: dict[str, dict[str, str]] = {
@@ -49,8 +50,9 @@ OUTPUT_NESTED: dict[str, dict[str, str]] = {
 }
 # Kinds whose commands continue a finished output instead of replacing it (stages skipped by key).
 INCREMENTAL = frozenset({"run"})
-# Kinds whose commands resume an unmarked directory of their own files (written before markers existed).
-RESUMABLE = frozenset({"run", "profiles"})
+# Kinds whose commands resume an unmarked directory (written before markers existed) holding this file;
+# resuming removes nothing, and files userip did not write stay where they are.
+RESUMABLE = {"run": "run.json", "profiles": "checkpoints/last.json"}
 
 
 @contextlib.contextmanager
@@ -168,8 +170,8 @@ def _not_ours(path: Path, kind: str, unknown: Sequence[Path]) -> str:
 def check_output_dir(path: str | os.PathLike, kind: str, *, overwrite: bool = False) -> str:
     """Whether ``kind`` output may be written to ``path``, without touching it; raises `UseripError` if not.
 
-    Returns "new" (missing or empty), "resume" (an unfinished output of this kind, or a finished one of an
-    incremental kind) or "replace" (a finished output of this kind, ``overwrite=True``).
+    Returns "new" (missing or empty), "replace" (an output of this kind and ``overwrite=True``), or "resume"
+    (an unfinished output of this kind, or a finished one of an incremental kind such as a run).
     """
     path = Path(path)
     if not path.exists() and not path.is_symlink():
@@ -180,11 +182,13 @@ def check_output_dir(path: str | os.PathLike, kind: str, *, overwrite: bool = Fa
     if m is None:
         if not any(path.iterdir()):
             return "new"
+        if kind in RESUMABLE and (path / RESUMABLE[kind]).is_file():
+            return "resume"  # written before markers existed; continuing it deletes nothing
         owned, unknown = _classify(path, OUTPUT_FILES[kind], OUTPUT_NESTED.get(kind, {}))
         if unknown:
             raise UseripError(_not_ours(path, kind, unknown))
-        # only files this kind writes, from before markers existed: treat as this kind's output
-        m = {"kind": kind, "complete": kind not in RESUMABLE}
+        # only files this kind writes, from before markers existed: treat as this kind's finished output
+        m = {"kind": kind, "complete": True}
     if m["kind"] != kind:
         raise UseripError(f"refusing to write {kind} output into {path}: it holds a userip {m['kind']} "
                           "output; choose another directory")
@@ -192,10 +196,10 @@ def check_output_dir(path: str | os.PathLike, kind: str, *, overwrite: bool = Fa
     if not isinstance(version, int) or version > OUTPUT_FORMAT_VERSION:
         raise UseripError(f"{path}: {kind} output of format_version {version}, newer than this userip "
                           f"reads ({OUTPUT_FORMAT_VERSION}); upgrade userip or choose another directory")
-    if not m.get("complete"):
-        return "resume"
     if overwrite:
         return "replace"
+    if not m.get("complete"):
+        return "resume"
     if kind in INCREMENTAL:
         return "resume"
     raise UseripError(f"{path} already holds a finished {kind} output; pass --overwrite (overwrite=True) to "
@@ -227,7 +231,7 @@ def claim_output_dir(path: str | os.PathLike, kind: str, *, overwrite: bool = Fa
                      clear: bool = True) -> OutputDir:
     """Check ``path`` (see `check_output_dir`), then mark it as an unfinished ``kind`` output.
 
-    Replacing a finished output (``overwrite=True``) removes the files that kind writes first, unless
+    Replacing an output (``overwrite=True``) removes the files that kind writes first, unless
     ``clear=False`` (the command rewrites them itself, e.g. to continue from checkpoints); files userip
     did not write are never removed.
     """

@@ -24,7 +24,7 @@ import pandas as pd
 from rich.console import Console
 
 from userip.errors import UseripError
-from userip.io import read_json, read_yaml, write_json, write_yaml
+from userip.io import claim_output_dir, read_json, read_yaml, write_json, write_yaml
 from userip.monitor import measure, release_memory
 
 log = logging.getLogger(__name__)
@@ -99,15 +99,18 @@ class Runner:
         from userip.data import prepare
 
         d = prepare(self.out / "data", config=self.cfg["data"] or None, max_users=self.cfg["users"] or None,
-                    seed=self.cfg["seed"])
+                    seed=self.cfg["seed"], overwrite=True)  # the run owns its data dir
         return {"users": d.n_users, "items": d.n_items, "interactions": len(d.interactions)}
 
     def profiles(self) -> dict[str, Any]:
         from userip.profile import ProfileConfig, fit_profiles
 
         pcfg = ProfileConfig.from_dict({"seed": self.cfg["seed"], **self.cfg["profile"]})
+        # the run owns its profiles dir: keep the checkpoints, the fit continues from them when they match
+        claimed = claim_output_dir(self.out / "profiles", "profiles", overwrite=True, clear=False)
         m = fit_profiles(self.out / "data", self.out / "profiles", model=self.cfg["model"], config=pcfg,
                          llm=self.llm, progress=self.progress)
+        claimed.complete()
         return {"best_epoch": m["best_epoch"], "final": _compact_final(m["final"])}
 
     def bank(self) -> dict[str, Any]:
@@ -133,12 +136,12 @@ class Runner:
         info: dict[str, Any] = {}
         if bcfg.pop("content_kmeans", True):
             f = content_kmeans_baseline(data, cards, seed=self.cfg["seed"])
-            save_baseline(f, self.out / "baselines" / "content-kmeans")
+            save_baseline(f, self.out / "baselines" / "content-kmeans", overwrite=True)
             info["content-kmeans"] = f.meta
         if bcfg.pop("text_profile", True):
             f = text_profile_baseline(data, self.llm, cards, seed=self.cfg["seed"],
                                       cache_dir=self.out / "baselines" / "cache", **bcfg)
-            save_baseline(f, self.out / "baselines" / "text-profile")
+            save_baseline(f, self.out / "baselines" / "text-profile", overwrite=True)
             info["text-profile"] = f.meta
         return info
 
@@ -148,7 +151,7 @@ class Runner:
         c = dict(self.cfg["ctr"])
         extra_ids, extra_dense = self._baseline_features(c.pop("baseline_dense", True))
         df = train_ctr(self.out / "data", self.out / "bank.sqlite", self.out / "profiles", out=self.out / "ctr",
-                       progress=self.progress, extra_ids=extra_ids, extra_dense=extra_dense, **c)
+                       overwrite=True, progress=self.progress, extra_ids=extra_ids, extra_dense=extra_dense, **c)
         return {"runs": int(len(df) // max(df["slice"].nunique(), 1))}
 
     def _baseline_features(self, with_dense: bool):
@@ -212,11 +215,17 @@ def _compact_final(final: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(config: str | Path | None = None, out: str | Path | None = None, *, quick: bool = False,
-        progress: bool = True, stages: tuple[str, ...] = STAGES, **overrides: Any) -> dict[str, Any]:
-    """Run the pipeline into ``out`` (default ``runs/<config name>``); returns the run record (run.json)."""
+        progress: bool = True, stages: tuple[str, ...] = STAGES, overwrite: bool = False,
+        **overrides: Any) -> dict[str, Any]:
+    """Run the pipeline into ``out`` (default ``runs/<config name>``); returns the run record (run.json).
+
+    ``out`` must be new, empty or a run dir userip wrote: an unfinished or finished run continues (stages
+    whose key matches are skipped); ``overwrite=True`` first removes what the run wrote and starts afresh.
+    Files userip did not write are never removed.
+    """
     cfg = load_run_config(config, quick, **overrides)
     out = Path(out) if out is not None else Path("runs") / cfg["name"]
-    out.mkdir(parents=True, exist_ok=True)
+    claimed = claim_output_dir(out, "run", overwrite=overwrite)
     record_path = out / "run.json"
     record = read_json(record_path) if record_path.exists() else {}
     done = record.get("stages", {})
@@ -247,4 +256,6 @@ def run(config: str | Path | None = None, out: str | Path | None = None, *, quic
     record = {"name": cfg["name"], "config": cfg, "stages": done,
               "wall_s_this_invocation": round(time.perf_counter() - t_run, 1)}
     write_json(record_path, record)
+    if all(done.get(s, {}).get("status") == "done" and done[s].get("key") == keys[s] for s in STAGES):
+        claimed.complete()
     return record

@@ -22,7 +22,7 @@ from userip.bank.protocol import (
     validate_ids_table,
 )
 from userip.errors import InputError, UseripError
-from userip.io import sha256_file
+from userip.io import require_complete, sha256_file
 
 __all__ = ["build_bank", "import_parquet", "open_bank", "read_profiles_dir"]
 
@@ -95,6 +95,7 @@ def read_profiles_dir(profiles_dir: str | os.PathLike) -> tuple[pd.DataFrame, di
     root = Path(profiles_dir)
     if not root.is_dir():
         raise UseripError(f"{root}: profiles directory not found (expected the output of `userip profile`)")
+    require_complete(root, "profiles for a bank")
     ids_path, cfg_path, cb_path = (
         root / "profile_ids.parquet",
         root / "config.yaml",

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from userip.errors import InputError, UseripError
-from userip.io import atomic_dir, read_json, read_yaml, write_json, write_yaml
+from userip.io import output_dir, read_json, read_yaml, require_complete, write_json, write_yaml
 
 BASELINE_FILES = ("profile_ids.parquet", "profiles.safetensors", "codebooks.safetensors", "config.yaml",
                   "meta.json")
@@ -100,8 +100,9 @@ def ids_table(data, users: np.ndarray, ids: Mapping[str, np.ndarray]) -> pd.Data
 
 
 # ---------------------------------------------------------------------------------------------- save / load
-def save_baseline(features: BaselineFeatures, out_dir: str | os.PathLike) -> Path:
-    """Write ``features`` to ``out_dir`` (replaced atomically). Returns the directory."""
+def save_baseline(features: BaselineFeatures, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``features`` to ``out_dir`` (new, empty, or a baseline dir userip wrote: replaced only with
+    ``overwrite=True``, and then only its own files). Returns the directory."""
     from safetensors.torch import save_file
 
     from userip.quantize import save_codebooks
@@ -118,7 +119,7 @@ def save_baseline(features: BaselineFeatures, out_dir: str | os.PathLike) -> Pat
         "seed": meta.get("seed"),
     }
     dense = np.ascontiguousarray(features.dense, dtype=np.float32)
-    with atomic_dir(out) as tmp:
+    with output_dir(out, "baseline", overwrite=overwrite) as tmp:
         features.ids.to_parquet(tmp / "profile_ids.parquet", index=False)
         save_file({"personal": torch.from_numpy(dense)}, str(tmp / "profiles.safetensors"),
                   metadata={"baseline": features.name, "model": config["model"]})
@@ -156,6 +157,7 @@ def load_baseline(out_dir: str | os.PathLike) -> BaselineFeatures:
     d = Path(out_dir)
     if not d.is_dir():
         raise UseripError(f"{d}: baseline directory not found")
+    require_complete(d, "a baseline")
     missing = [f for f in BASELINE_FILES if not (d / f).is_file()]
     if missing:
         raise InputError(d, f"incomplete baseline directory: missing {', '.join(missing)}")

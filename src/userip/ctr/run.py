@@ -544,12 +544,17 @@ def train_ctr(
     variants: Sequence[str] | str | None = None,
     settings: Sequence[str] | str = SETTINGS,
     history_len: int = 20,
+    overwrite: bool = False,
     **kwargs,
 ) -> pd.DataFrame:
     """Run the CTR table on prepared data with IDs from a feature bank; writes ``OUT/results.{json,md}``
-    and ``OUT/models/``. ``kwargs`` go to :func:`run_ctr_table` (lr, batch_size, max_epochs, ...)."""
+    and ``OUT/models/``. ``kwargs`` go to :func:`run_ctr_table` (lr, batch_size, max_epochs, ...).
+
+    ``out`` must be new, empty or a CTR dir userip wrote; a finished one is replaced only with
+    ``overwrite=True`` (its results and models are removed first; other files are never touched)."""
     from userip.bank import open_bank
     from userip.data import ctr_examples, load_prepared
+    from userip.io import claim_output_dir
 
     data = load_prepared(data_dir)
     fb = open_bank(bank)
@@ -583,7 +588,10 @@ def train_ctr(
         "codebook_hash": bank_meta.get("codebook_hash"),  # serving refuses a bank with other codebooks
         "history_len": history_len,  # serving rebuilds the history field with the same length
     }
-    return run_ctr_table(
+    for b in _as_list(backbones, "backbones"):  # a typo fails before --out is claimed
+        _get_backbone(b)
+    claimed = claim_output_dir(out, "ctr", overwrite=overwrite)  # inputs checked above; nothing trained yet
+    df = run_ctr_table(
         train,
         val,
         test,
@@ -600,3 +608,5 @@ def train_ctr(
         meta=meta,
         **kwargs,
     )
+    claimed.complete()
+    return df
