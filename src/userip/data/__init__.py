@@ -6,7 +6,7 @@ Output is a DATA dir (see docs/internals.md) that every later stage reads throug
 from userip.data.config import ConfigError, DataConfig
 from userip.data.ctr import CTRExamples, ctr_examples
 from userip.data.prepared import PreparedData, format_stats, load_prepared, load_stats, prepare
-from userip.data.text import behaviour_windows, user_histories
+from userip.data.text import behaviour_windows, recent_history, user_histories
 
 __all__ = [
     "CTRExamples",
@@ -14,6 +14,7 @@ __all__ = [
     "DataConfig",
     "PreparedData",
     "behaviour_windows",
+    "recent_history",
     "ctr_examples",
     "format_stats",
     "load_prepared",

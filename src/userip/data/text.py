@@ -1,15 +1,22 @@
 """Behaviour text: a user's interactions rendered as the windows of text the LLM reads when fitting profiles.
 
-Why every interaction is rendered, not only the liked ones: UserIP-Tuning models the behaviour sequence
-itself (what the user chose to watch/click, in order), and a rating is a reaction given *after* the exposure.
-Filtering by rating would mix the label into the input of a model whose output later feeds the CTR model
-that predicts exactly that label. Keeping all items also makes the windows a deterministic function of the
-split: same data, same windows, same profiles.
+Modes: ``sequence`` (titles in time order), ``rated`` ("Title: 4", the user's reaction beside each item, where
+the data has ratings; a 0/1 label otherwise) and ``review`` (the interaction's text). ``title_year="drop"``
+removes a trailing "(1995)": years are ~6 of ~11 tokens per MovieLens title and almost fully predictable from
+the title, so they dilute the per-token signal.
+
+Why rendering the user's ratings is not leakage: only train-split interactions are ever rendered for fitting,
+and the CTR model trains on exactly those labels too (they are its training targets); validation-period windows
+are rendered only to evaluate profiles and select a configuration; the test split is never rendered. A profile
+therefore carries nothing about a test label that the CTR model's own training rows do not already hold. And
+every item is rendered, liked or not: the behaviour sequence itself (what the user chose) is modelled, with
+the reaction beside it, which keeps the windows a deterministic function of the split.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +28,20 @@ from userip.data.split import SPLITS
 from userip.errors import UseripError
 
 SEP = "; "
+MODES = ("sequence", "rated", "review")
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+
+
+def strip_year(title: str) -> str:
+    """'Heat (1995)' -> 'Heat' (only a trailing four-digit year in parentheses)."""
+    return _YEAR.sub("", title)
+
+
+def format_reaction(rating: float, label: int) -> str:
+    """The user's reaction as text: the rating ('4', '3.5'), or the 0/1 label where there is no rating."""
+    if rating == rating:  # not NaN
+        return f"{rating:g}"
+    return str(int(label))
 
 
 def _select(data: PreparedData, split: str | Sequence[str]) -> pd.DataFrame:
@@ -124,6 +145,7 @@ def behaviour_windows(
     tokenizer: Any | None = None,
     max_tokens: int | None = None,
     mode: str = "sequence",
+    title_year: str = "keep",
 ) -> dict[int, list[str]]:
     """Per user_idx, that split's behaviour as text windows, in time order.
 
@@ -133,6 +155,8 @@ def behaviour_windows(
     All items are rendered, liked or not: the paper models the behaviour sequence itself, a rating is a
     reaction after the exposure (using it would leak the CTR label into the profile), and this keeps the
     windows deterministic.
+    ``mode="rated"``: as ``sequence``, each title followed by the user's reaction ("Heat: 4; Toy Story: 5").
+    ``title_year="drop"`` removes a trailing "(1995)" from titles (sequence and rated).
     ``mode="review"``: one window per interaction with text (the interaction's ``text`` column, else the
     item's), truncated to ``max_tokens``. An error if the data has no text column.
     Users without interactions in the split are absent.
@@ -141,8 +165,10 @@ def behaviour_windows(
         raise UseripError(f"max_items must be an integer >= 1, got {max_items!r}")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise UseripError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
-    if mode not in ("sequence", "review"):
-        raise UseripError(f"mode must be 'sequence' or 'review', got {mode!r}")
+    if mode not in MODES:
+        raise UseripError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if title_year not in ("keep", "drop"):
+        raise UseripError(f"title_year must be 'keep' or 'drop', got {title_year!r}")
     rows = _select(data, split)
     users = rows["user_idx"].to_numpy()
     if len(users) == 0:
@@ -151,14 +177,11 @@ def behaviour_windows(
     ends = np.r_[starts[1:], len(users)]
     items = rows["item_idx"].to_numpy(dtype=np.int64)
 
-    if mode == "sequence":
-        titles = np.array([""] * (data.n_items + 1), dtype=object)
-        titles[data.items["item_idx"].to_numpy()] = data.items["title"].to_numpy(dtype=object)
+    if mode in ("sequence", "rated"):
+        pieces = _item_pieces(data, rows, mode, title_year)
         count = functools.lru_cache(maxsize=65536)(token_counter(tokenizer))  # titles repeat across users
         return {
-            int(users[s]): pack_windows(
-                list(titles[items[s:e]]), max_items=max_items, max_tokens=max_tokens, count=count
-            )
+            int(users[s]): pack_windows(list(pieces[s:e]), max_items=max_items, max_tokens=max_tokens, count=count)
             for s, e in zip(starts, ends, strict=True)
         }
 
@@ -184,3 +207,39 @@ def behaviour_windows(
         if win:
             out[int(users[s])] = win
     return out
+
+
+def _item_pieces(data: PreparedData, rows: pd.DataFrame, mode: str, title_year: str) -> np.ndarray:
+    """One rendered piece per interaction row: its title ('sequence') or 'title: reaction' ('rated')."""
+    titles = np.array([""] * (data.n_items + 1), dtype=object)
+    raw = data.items["title"].to_numpy(dtype=object)
+    if title_year == "drop":
+        raw = np.array([strip_year(str(t)) for t in raw], dtype=object)
+    titles[data.items["item_idx"].to_numpy()] = raw
+    pieces = titles[rows["item_idx"].to_numpy(dtype=np.int64)]
+    if mode == "rated":
+        ratings = rows["rating"].to_numpy(dtype=np.float64)
+        labels = rows["label"].to_numpy()
+        reactions = [format_reaction(r, lab) for r, lab in zip(ratings, labels, strict=True)]
+        pieces = np.array([f"{t}: {r}" for t, r in zip(pieces, reactions, strict=True)], dtype=object)
+    return pieces
+
+
+def recent_history(
+    data: PreparedData,
+    n_items: int,
+    split: str | Sequence[str] = "train",
+    *,
+    mode: str = "sequence",
+    title_year: str = "keep",
+) -> dict[int, str]:
+    """Per user_idx, the last ``n_items`` interactions of ``split`` rendered as one "A; B; C" string (the
+    in-context history of the profile ceiling). ``review`` mode renders titles (reviews are too long)."""
+    rows = _select(data, split)
+    users = rows["user_idx"].to_numpy()
+    if len(users) == 0:
+        return {}
+    pieces = _item_pieces(data, rows, "rated" if mode == "rated" else "sequence", title_year)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
+    return {int(users[s]): SEP.join(pieces[max(s, e - n_items) : e]) for s, e in zip(starts, ends, strict=True)}

@@ -36,11 +36,14 @@ def load_config(path: str | Path | None, **overrides: Any) -> ProfileConfig:
 
 
 def build_corpus(data, tokenizer, cfg: ProfileConfig) -> Corpus:
-    """Tokenised train windows and held-out (validation-period) windows from a prepared dataset."""
-    from userip.data import behaviour_windows
+    """Tokenised train windows and held-out (validation-period) windows from a prepared dataset, with the
+    ceiling's in-context histories (the last ``ceiling_items`` train interactions) of users with held-out
+    windows."""
+    from userip.data import behaviour_windows, recent_history
     from userip.profile.dist import Dist
 
-    kw = dict(max_items=cfg.max_items, tokenizer=tokenizer, max_tokens=cfg.max_tokens, mode=cfg.behaviour)
+    kw = dict(max_items=cfg.max_items, tokenizer=tokenizer, max_tokens=cfg.max_tokens, mode=cfg.behaviour,
+              title_year=cfg.title_year)
     train = behaviour_windows(data, "train", **kw)
     heldout = behaviour_windows(data, "val", **kw)
     if cfg.max_users:
@@ -56,11 +59,31 @@ def build_corpus(data, tokenizer, cfg: ProfileConfig) -> Corpus:
         mine = set(d.shard(list(train)))
         train = {u: w for u, w in train.items() if u in mine}
         heldout = {u: w for u, w in heldout.items() if u in mine}
+    history = recent_history(data, cfg.ceiling_items, "train", mode=cfg.behaviour, title_year=cfg.title_year)
+    context = {u: history[u] for u in heldout if u in history}
     inter = data.interactions
     counts = inter[inter["split"] == "train"].groupby("user_idx").size()
     activity = np.zeros(data.n_users + 1, dtype=np.int64)
     activity[counts.index.to_numpy()] = counts.to_numpy()
-    return Corpus.from_text(tokenizer, train, heldout, data.n_users, activity, cfg.max_tokens)
+    return Corpus.from_text(tokenizer, train, heldout, data.n_users, activity, cfg.max_tokens, context=context,
+                            lead_in=lead_in(cfg.template), rated=cfg.behaviour == "rated")
+
+
+def lead_in(template: str) -> str:
+    """The template's text right before {behaviour} ("The user watched:"): the ceiling's plain-text prompt."""
+    import re
+
+    tail = re.split(r"\{[A-Za-z_][A-Za-z0-9_]*\}", template)[-2]
+    return tail.lstrip(" .").strip()
+
+
+def make_fitter(llm, cfg: ProfileConfig, corpus: Corpus, out: Path | None, progress: bool = False) -> ProfileFitter:
+    """The fitter of ``cfg.inference``: per-user EM or the amortised history map."""
+    if cfg.inference == "amortised":
+        from userip.profile.amortised import AmortisedFitter
+
+        return AmortisedFitter(llm, cfg, corpus, out, progress=progress)
+    return ProfileFitter(llm, cfg, corpus, out)
 
 
 def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2-135m",
@@ -85,13 +108,15 @@ def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2
     data = load_prepared(data_dir)
     llm = llm or load_llm(model, dtype=cfg.dtype, device=cfg.device)
     corpus = build_corpus(data, llm.tokenizer, cfg)
-    fitter = ProfileFitter(llm, cfg, corpus, out)
+    fitter = make_fitter(llm, cfg, corpus, out, progress=progress)
     state = fitter.fit(progress=progress)
     metrics = {
         "epochs": state.metrics,
         "best_epoch": state.best_epoch,
         "final": state.metrics[state.best_epoch - 1] if state.best_epoch else (state.metrics or [{}])[-1],
         "n_users": len(fitter.all_users),
+        "inference": cfg.inference,
+        "ceiling": getattr(fitter, "ceiling_metrics", None),
         "processes": fitter.dist.world,
         "wall_s": time.perf_counter() - t0,
         "peak_rss_mb": _peak_rss_mb(),
@@ -109,7 +134,8 @@ def write_outputs(out: Path, fitter: ProfileFitter, data, cfg: ProfileConfig, mo
     theta, personal = fitter.theta_table()  # collective under torch.distributed: every rank takes part
     if not fitter.dist.is_main:
         return
-    tensors = {"theta": theta, "personal": personal, "shared": fitter.profiles.shared.contiguous()}
+    tensors = {"theta": theta, "personal": personal, "shared": fitter.profiles.shared.detach().contiguous()}
+    tensors.update(fitter.output_tensors())
     if st.mu is not None:
         tensors.update({"code_center": st.mu.contiguous(), "code_scale": st.scale.contiguous()})
     with atomic_path(out / "profiles.safetensors") as tmp:
@@ -171,7 +197,7 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path, user_ids: lis
         train[row] = full.train[u]
         rows.append(row)
     corpus = Corpus(train, {}, n_old + len(rows), np.zeros(n_old + len(rows) + 1, dtype=np.int64))
-    fitter = ProfileFitter(llm, cfg, corpus, profiles_dir)
+    fitter = make_fitter(llm, cfg, corpus, None)
     fitter.load_fitted(profiles_dir)
     z = fitter.infer(torch.tensor(rows), progress=progress)
     out = pd.DataFrame({"user_id": [str(u) for u in user_ids]})

@@ -12,6 +12,12 @@ from userip.errors import UseripError
 DEFAULT_TEMPLATE = (
     "The user's hobby is {hobby}. The user's background is {background}. The user watched: {behaviour}"
 )
+# `rated` behaviour puts the user's reaction after each title: the template says what the number is.
+RATED_TEMPLATE = (
+    "The user's hobby is {hobby}. The user's background is {background}. "
+    "The user watched these movies and rated each from 1 to 5: {behaviour}"
+)
+INFERENCE_MODES = ("em", "amortised")
 
 
 @dataclass
@@ -39,13 +45,16 @@ class ProfileConfig:
     profiles: list[ProfileSpec] = field(
         default_factory=lambda: [ProfileSpec("hobby", 1, 4), ProfileSpec("background", 1, 3)]
     )
-    template: str = DEFAULT_TEMPLATE
+    template: str | None = None  # None: DEFAULT_TEMPLATE, or RATED_TEMPLATE for `rated` behaviour
+    # em: per-user E-step (the paper) | amortised: a shared map from the frozen LLM's pooled history states
+    inference: str = "em"
     mode: str = "em"  # em (default) | joint (reference code: LM loss + VQ loss by gradient)
     table: str = "residual"  # residual: shared[k] + delta[u, k] | plain: one free table per user (reference)
     init: str = "text"  # text: frozen embedding of the profile name (PEFT TEXT init) | uniform: U(-0.1, 0.1)
     delta_init_std: float = 1e-3
     mask: str = "profile"  # profile: profile-aware causal mask (paper) | causal
-    behaviour: str = "sequence"  # sequence (paper: item-title windows) | review (reference code: review text)
+    behaviour: str = "sequence"  # sequence (paper: titles) | rated ("Title: 4") | review (reference code)
+    title_year: str = "keep"  # keep | drop a trailing "(1995)" (years: ~6 of ~11 tokens, predictable)
     # behaviour windows
     max_items: int = 16
     max_tokens: int = 96
@@ -63,8 +72,19 @@ class ProfileConfig:
     # quantisation / M-step
     kmeans_iters: int = 5
     joint_beta: float = 0.5  # joint mode: weight of ||sg(theta) - c||^2
+    # amortised inference: theta_k = shared_k + A_k B_k z_u, z_u = standardised pooled history state
+    rank: int = 32
+    lr_map: float = 1e-3
+    target: str = "loo"  # loo: a window the encoder did not read | forecast: the next window from earlier ones
+    pool: str = "mean"  # per-window pooling of the LLM's last hidden state: mean | last (token)
+    steps_per_epoch: int = 0  # 0 = one pass over the users
+    pool_batch: int = 32  # windows per no-grad forward when pooling history states
     # evaluation / stopping
     eval_users: int = 0  # 0 = every user with validation windows
+    eval_windows: int = 2  # held-out windows per evaluation user (the first ones of the validation period)
+    eval_scales: list[float] = field(default_factory=lambda: [0.5])  # own with the personal part scaled
+    ceiling_items: int = 24  # the in-context ceiling: the user's last N train interactions as plain text
+    bootstrap: int = 1000  # resamples of the evaluation users for 95% intervals
     patience: int = 2
     # compute
     dtype: str = "auto"
@@ -77,22 +97,28 @@ class ProfileConfig:
 
     def __post_init__(self) -> None:
         self.profiles = [p if isinstance(p, ProfileSpec) else ProfileSpec(**p) for p in self.profiles]
+        if self.template is None:
+            self.template = RATED_TEMPLATE if self.behaviour == "rated" else DEFAULT_TEMPLATE
+        self.eval_scales = [float(a) for a in self.eval_scales]
         names = [p.name for p in self.profiles]
         if not names:
             raise UseripError("config.profiles: at least one profile is required")
         if len(set(names)) != len(names):
             raise UseripError(f"config.profiles: duplicate profile names {names}")
         choices = {"mode": ("em", "joint"), "table": ("residual", "plain"), "init": ("text", "uniform"),
-                   "mask": ("profile", "causal"), "behaviour": ("sequence", "review")}
+                   "mask": ("profile", "causal"), "behaviour": ("sequence", "rated", "review"),
+                   "title_year": ("keep", "drop"), "inference": INFERENCE_MODES, "target": ("loo", "forecast"),
+                   "pool": ("mean", "last")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UseripError(f"config.{key}: '{getattr(self, key)}' is not one of {', '.join(allowed)}")
         positive = ("max_items", "max_tokens", "windows_per_user", "batch_users", "inner_steps", "epochs",
-                    "kmeans_iters", "ce_chunk")
+                    "kmeans_iters", "ce_chunk", "rank", "pool_batch", "eval_windows", "ceiling_items")
         for key in positive:
             if int(getattr(self, key)) < 1:
                 raise UseripError(f"config.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("prior_lambda", "prior_beta", "lr_user", "lr_shared", "delta_init_std", "joint_beta"):
+        for key in ("prior_lambda", "prior_beta", "lr_user", "lr_shared", "delta_init_std", "joint_beta", "lr_map",
+                    "steps_per_epoch", "bootstrap"):
             if float(getattr(self, key)) < 0:
                 raise UseripError(f"config.{key}: must be >= 0, got {getattr(self, key)}")
         for name in names:
@@ -100,6 +126,9 @@ class ProfileConfig:
                 raise UseripError(f"config.template: missing the slot {{{name}}} for profile '{name}'")
         if not self.template.rstrip().endswith("{behaviour}"):
             raise UseripError("config.template: must end with the {behaviour} slot")
+        if self.inference == "amortised" and (self.mode != "em" or self.table != "residual"):
+            raise UseripError("config.inference: 'amortised' needs mode 'em' and table 'residual' (the map "
+                              "replaces the per-user residual)")
 
     @property
     def names(self) -> list[str]:

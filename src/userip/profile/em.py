@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from userip.data.text import SEP
 from userip.errors import UseripError
 from userip.io import atomic_path, read_json, write_json
 from userip.monitor import release_memory
@@ -50,16 +52,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Corpus:
-    """Tokenised behaviour windows: per user_idx, train windows and held-out (validation-period) windows."""
+    """Tokenised behaviour windows: per user_idx, train windows and held-out (validation-period) windows.
+
+    For evaluation it may also hold, per held-out window, its item count and which tokens are the user's
+    rating ('rated' text), and per user the ceiling's in-context history (token ids of the last N train items).
+    """
 
     train: dict[int, list[list[int]]]
     heldout: dict[int, list[list[int]]]
     n_users: int  # largest user_idx (table has n_users + 1 rows)
     activity: np.ndarray  # [n_users + 1] train interactions per user
+    heldout_items: dict[int, list[int]] = field(default_factory=dict)
+    heldout_marks: dict[int, list[list[bool]]] = field(default_factory=dict)
+    context: dict[int, list[int]] = field(default_factory=dict)
 
     @classmethod
     def from_text(cls, tokenizer, train: dict[int, list[str]], heldout: dict[int, list[str]], n_users: int,
-                  activity: np.ndarray, max_tokens: int) -> Corpus:
+                  activity: np.ndarray, max_tokens: int, *, context: dict[int, str] | None = None,
+                  lead_in: str = "", rated: bool = False) -> Corpus:
         def enc(d: dict[int, list[str]]) -> dict[int, list[list[int]]]:
             out = {}
             for u, wins in d.items():
@@ -69,7 +79,45 @@ class Corpus:
                     out[int(u)] = toks
             return out
 
-        return cls(enc(train), enc(heldout), n_users, np.asarray(activity))
+        corpus = cls(enc(train), enc(heldout), n_users, np.asarray(activity))
+        for u, wins in heldout.items():
+            if int(u) not in corpus.heldout:
+                continue
+            wins = [w for w in wins if w.strip()]
+            corpus.heldout_items[int(u)] = [w.count(SEP) + 1 for w in wins]
+            if rated:
+                corpus.heldout_marks[int(u)] = [rating_marks(tokenizer, w, max_tokens) for w in wins]
+        for u, text in (context or {}).items():
+            corpus.context[int(u)] = encode_context(tokenizer, lead_in, text)
+        return corpus
+
+
+_RATING = re.compile(r": (\d+(?:\.\d+)?)(?=;|$)")
+
+
+def rating_marks(tokenizer, text: str, max_tokens: int) -> list[bool]:
+    """Which behaviour tokens of a 'rated' window spell a rating ("Heat: 4" -> the "4"), by character offsets;
+    all False when the tokenizer gives no offsets."""
+    text = " " + text.strip()
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        return [False] * len(encode_behaviour(tokenizer, text, max_tokens))
+    spans = [m.span(1) for m in _RATING.finditer(text)]
+    marks, j = [], 0
+    for a, b in offsets[:max_tokens]:
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        marks.append(j < len(spans) and a < spans[j][1] and b > spans[j][0])
+    return marks
+
+
+def encode_context(tokenizer, lead_in: str, history: str) -> list[int]:
+    """Token ids of '<lead-in> <history>;' : the ceiling's plain-text history, which the held-out window's
+    tokens then continue (a held-out window starts with a space, as after the template)."""
+    text = (lead_in.strip() + " " + history.strip()).strip() + SEP.rstrip()
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @dataclass
@@ -135,21 +183,7 @@ class ProfileFitter:
         while st.epoch < epochs and st.bad_epochs < cfg.patience:
             t0 = time.perf_counter()
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.epoch)
-            batches = self._user_batches(g)
-            # every rank takes the same number of shared-prompt steps (a short shard idles through the rest)
-            n_batches = int(self.dist.all_reduce(torch.tensor([len(batches)]), "max"))
-            nll_sum, tok_sum = 0.0, 0.0
-            bar = tqdm(range(n_batches), desc=f"epoch {st.epoch + 1}/{epochs}", disable=not progress, leave=False)
-            for b in bar:
-                users = batches[b] if b < len(batches) else self.users[:0]
-                windows = self._epoch_windows(users, st.epoch)
-                for j in range(cfg.inner_steps):
-                    rows = [w[j % len(w)] for w in windows]
-                    s, n = self.train_step(users, rows, update_shared=(j == cfg.inner_steps - 1))
-                    nll_sum, tok_sum = nll_sum + s, tok_sum + n
-                bar.set_postfix(nll=f"{nll_sum / max(tok_sum, 1):.3f}")
-                if b % 8 == 7:
-                    release_memory()
+            nll_sum, tok_sum = self.train_epoch(g, epochs, progress)
             self.m_step(g, iters=cfg.kmeans_iters if cfg.mode == "em" else 0)  # joint: refresh for reporting
             st.epoch += 1
             totals = self.dist.all_reduce(torch.tensor([nll_sum, tok_sum], dtype=torch.float64))
@@ -159,7 +193,9 @@ class ProfileFitter:
             m["wall_s"] = time.perf_counter() - t0
             m["rss_mb"] = _rss_mb()
             st.metrics.append(m)
-            score = m["heldout"]["own"] if "heldout" in m else m["train_nll"]  # no held-out users: train NLL
+            # select on the selection half of the evaluation users (reported figures come from the other half)
+            score = m["select"]["heldout"]["own"] if "select" in m else m["heldout"]["own"] if "heldout" in m \
+                else m["train_nll"]  # no held-out users: train NLL
             if score < st.best_nll - 1e-6:
                 st.best_nll, st.best_epoch, st.bad_epochs = score, st.epoch, 0
                 self.best = self._snapshot()
@@ -172,6 +208,26 @@ class ProfileFitter:
         if self.best:
             self._restore(self.best)
         return st
+
+    def train_epoch(self, g: torch.Generator, epochs: int, progress: bool) -> tuple[float, float]:
+        """E-step over every user batch (``inner_steps`` updates each); returns (train NLL sum, token count)."""
+        cfg, st = self.cfg, self.state
+        batches = self._user_batches(g)
+        # every rank takes the same number of shared-prompt steps (a short shard idles through the rest)
+        n_batches = int(self.dist.all_reduce(torch.tensor([len(batches)]), "max"))
+        nll_sum, tok_sum = 0.0, 0.0
+        bar = tqdm(range(n_batches), desc=f"epoch {st.epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for b in bar:
+            users = batches[b] if b < len(batches) else self.users[:0]
+            windows = self._epoch_windows(users, st.epoch)
+            for j in range(cfg.inner_steps):
+                rows = [w[j % len(w)] for w in windows]
+                s, n = self.train_step(users, rows, update_shared=(j == cfg.inner_steps - 1))
+                nll_sum, tok_sum = nll_sum + s, tok_sum + n
+            bar.set_postfix(nll=f"{nll_sum / max(tok_sum, 1):.3f}")
+            if b % 8 == 7:
+                release_memory()
+        return nll_sum, tok_sum
 
     def train_step(self, users: torch.Tensor, rows: list[list[int]], update_shared: bool) -> tuple[float, float]:
         """One E-step update for ``users`` (unique), one window each; returns (NLL sum, token count)."""
@@ -311,18 +367,9 @@ class ProfileFitter:
             users = sorted(users[i] for i in pick.tolist())
         return torch.tensor(users, dtype=torch.long)
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
-        """Held-out NLL with own / shuffled / mean / codeword soft tokens, token-weighted and per user.
-
-        'mean' is the population prompt (base + the centre of everyone's personal part); 'shuffled' gives each
-        user another user's tokens (within a rank's shard when sharded).
-        """
-        users = self.eval_users
+    def eval_variants(self, users: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Soft tokens [U, m, n, H] per evaluation variant: own, shuffled, mean, codeword, own_x{a}."""
         prof, st = self.profiles, self.state
-        n_eval = int(self.dist.all_reduce(torch.tensor([len(users)]))[0])
-        if n_eval < 2 or st.mu is None:
-            return {}
         base = prof.base(self.pop_rows)
         centre = None if prof.residual else prof.population(self.pop_rows)
         personal = prof.personal(self.rows(users), centre)
@@ -334,28 +381,35 @@ class ProfileFitter:
             "mean": (base + st.mu).expand_as(personal),
             "codeword": base + self.code_targets(users),
         }
-        sums = {k: torch.zeros(len(users)) for k in variants}
-        toks = torch.zeros(len(users))
-        bs = max(1, self.cfg.batch_users // len(variants))
-        for s in range(0, len(users), bs):
-            rows, owner = [], []
-            for i in range(s, min(s + bs, len(users))):
-                for w in self.corpus.heldout[int(users[i])]:
-                    rows.append(w)
-                    owner.append(i)
-            owner_t = torch.tensor(owner)
-            theta = torch.cat([variants[k][owner_t] for k in variants])
-            rsum, rcount = self.scorer.row_nll(theta, make_batch(rows * len(variants)))
-            n = len(rows)
-            for j, k in enumerate(variants):
-                sums[k].index_add_(0, owner_t, rsum[j * n : (j + 1) * n].cpu())
-            toks.index_add_(0, owner_t, rcount[:n].cpu())
-        names = list(variants)
-        per_tok = self.dist.all_reduce(torch.stack([sums[k].sum() for k in names] + [toks.sum()]).double())
-        per_usr = self.dist.all_reduce(torch.stack([(sums[k] / toks.clamp(min=1)).sum() for k in names]).double())
-        heldout = {k: float(per_tok[i] / per_tok[-1]) for i, k in enumerate(names)}
-        per_user = {k: float(per_usr[i] / n_eval) for i, k in enumerate(names)}
-        return {
+        for a in self.cfg.eval_scales:
+            variants[f"own_x{a:g}"] = base + st.mu + a * (personal - st.mu)
+        return variants
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out NLL of the evaluation users' first validation-period windows under each variant (see
+        userip.profile.evaluate), token-weighted and per user, with the selection/report halves, 95% bootstrap
+        intervals and the captured fraction of the in-context ceiling.
+
+        'mean' is the population prompt (base + the centre of everyone's personal part); 'shuffled' gives each
+        user another user's tokens (within a rank's shard when sharded).
+        """
+        from userip.profile import evaluate as ev
+
+        users = self.eval_users
+        st, cfg = self.state, self.cfg
+        n_eval = int(self.dist.all_reduce(torch.tensor([len(users)]))[0])
+        if n_eval < 2 or st.mu is None:
+            return {}
+        local = ev.score_variants(self.scorer, self.corpus, users.tolist(), self.eval_variants(users),
+                                  cfg.eval_windows, cfg.batch_users)
+        sums = ev.UserSums.concat(self.dist.gather(local))
+        ceiling = self.ceiling()
+        names = list(sums.nll)
+        tok = max(float(sums.tokens.sum()), 1.0)
+        heldout = {k: float(sums.nll[k].sum() / tok) for k in names}
+        per_user = {k: float(np.mean(sums.nll[k] / np.maximum(sums.tokens, 1))) for k in names}
+        out = {
             "heldout": heldout,
             "heldout_user": per_user,
             "gap_own_vs_mean": heldout["mean"] - heldout["own"],
@@ -363,8 +417,27 @@ class ProfileFitter:
             "gap_own_vs_shuffled": heldout["shuffled"] - heldout["own"],
             "gap_own_vs_shuffled_user": per_user["shuffled"] - per_user["own"],
             "eval_users": n_eval,
-            "eval_tokens": int(per_tok[-1]),
+            "eval_tokens": int(sums.tokens.sum()),
         }
+        out.update(ev.summarise(sums, cfg.seed, cfg.bootstrap, cfg.eval_scales, ceiling))
+        return out
+
+    def ceiling(self) -> Any:
+        """Per-user NLL sums of the in-context ceiling (computed once per fit: it does not depend on the
+        soft tokens); None when the corpus has no history contexts."""
+        from userip.profile import evaluate as ev
+
+        if getattr(self, "_ceiling", None) is not None or not self.corpus.context:
+            return getattr(self, "_ceiling", None)
+        users = self.eval_users.tolist()
+        # another user's history: a derangement over this rank's evaluation users, as 'shuffled' is
+        perm = _derangement(len(users), torch.Generator().manual_seed(self.cfg.seed + 13)).tolist() \
+            if len(users) > 1 else [0] * len(users)
+        local = ev.score_ceiling(self.llm, self.corpus, users, [users[i] for i in perm], self.cfg.eval_windows,
+                                 self.cfg.batch_users, self.cfg.ce_chunk)
+        self._ceiling = ev.UserSums.concat(self.dist.gather(local))
+        self.ceiling_metrics = ev.ceiling_summary(self._ceiling, self.cfg.seed, self.cfg.bootstrap)
+        return self._ceiling
 
     def code_stats(self) -> dict[str, Any]:
         from sklearn.metrics import normalized_mutual_info_score
@@ -484,6 +557,17 @@ class ProfileFitter:
         if "z" in snap:
             st.z, st.mu, st.scale = snap["z"].clone(), snap["mu"].clone(), snap["scale"].clone()
 
+    def extra_checkpoint(self) -> dict[str, torch.Tensor]:
+        """Tensors an inference mode adds to each epoch checkpoint (optimiser state of its own parameters)."""
+        return {}
+
+    def load_extra_checkpoint(self, t: dict[str, torch.Tensor]) -> None:
+        """Restore what ``extra_checkpoint`` saved."""
+
+    def output_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors an inference mode adds to profiles.safetensors (e.g. the amortised encoder's map)."""
+        return {}
+
     def _shard_name(self, epoch: int) -> str:
         return f"epoch{epoch:04d}.rank{self.dist.rank}-of-{self.dist.world}.safetensors"
 
@@ -498,6 +582,7 @@ class ProfileFitter:
         tensors.update({f"user_opt.{k}": v for k, v in self.user_opt.state_dict().items()})
         tensors.update({f"shared_opt.{k}": v for k, v in self.shared_opt.state_dict().items()})
         tensors.update({f"best.{k}": v for k, v in self.best.items()})
+        tensors.update(self.extra_checkpoint())
         if self.joint_opt is not None:
             for i, s in enumerate(self.joint_opt.state.values()):
                 tensors.update({f"joint_opt.{i}.{k}": v for k, v in s.items()})
@@ -539,6 +624,7 @@ class ProfileFitter:
         self.user_opt.load_state_dict({k: t[f"user_opt.{k}"] for k in ("exp_avg", "exp_avg_sq", "steps")})
         self.shared_opt.load_state_dict({k: t[f"shared_opt.{k}"] for k in ("exp_avg", "exp_avg_sq", "steps")})
         self.best = {k[len("best."):]: v for k, v in t.items() if k.startswith("best.")}
+        self.load_extra_checkpoint(t)
         if self.cfg.mode == "joint" and st.codebooks:
             leaves = [st.codebooks[p.name].requires_grad_(True) for p in self.cfg.profiles]
             self.joint_opt = torch.optim.Adam(leaves, lr=self.cfg.lr_shared)
@@ -592,7 +678,14 @@ def _epoch_line(m: dict[str, Any]) -> str:
         parts.append("held-out own {own:.4f} shuffled {shuffled:.4f} mean {mean:.4f}".format(**h))
         if "codeword" in h:
             parts.append(f"codeword {h['codeword']:.4f}")
-        parts.append(f"gap own-vs-mean {m['gap_own_vs_mean']:+.4f} (per user {m['gap_own_vs_mean_user']:+.4f})")
+        g = m.get("report", {}).get("gaps", {}).get("own_vs_mean", {})
+        if "lo" in g:
+            parts.append(f"own-vs-mean (report half) {g['token']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}]")
+        else:
+            parts.append(f"gap own-vs-mean {m['gap_own_vs_mean']:+.4f} (per user {m['gap_own_vs_mean_user']:+.4f})")
+        if m.get("captured") is not None:
+            parts.append(f"captured {m['captured']:.0%} (scaled x{m['personal_scale']:g}: "
+                         f"{m['captured_calibrated']:.0%})")
     for name, c in m.get("codes", {}).items():
         parts.append(f"{name} ppl {c['perplexity']:.2f} nmi-act {c['nmi_activity']:.2f}")
     return " | ".join(parts)

@@ -140,8 +140,25 @@ class Scorer:
 
     def row_nll(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (sum of NLL per row [B] fp32, token count per row [B])."""
-        P = self.layout.prefix_len
+        nll, rows, _ = self._token_nll(theta, batch)
+        sums = torch.zeros(batch.size, device=self.device).index_add_(0, rows.to(self.device), nll)
+        return sums, batch.lengths.to(self.device).float()
+
+    def row_nll_marked(self, theta: torch.Tensor, batch: Batch, marks: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As ``row_nll``, plus the NLL sum and count over the ``marks``-ed behaviour tokens ([B, T] bool, e.g.
+        the rating tokens of 'rated' text). Returns (sums, counts, marked sums, marked counts)."""
+        nll, rows, cols = self._token_nll(theta, batch)
         B = batch.size
+        sums = torch.zeros(B, device=self.device).index_add_(0, rows.to(self.device), nll)
+        flag = marks[rows, cols] if marks.numel() else torch.zeros(len(rows), dtype=torch.bool)
+        msums = torch.zeros(B, device=self.device).index_add_(0, rows[flag].to(self.device), nll[flag.to(self.device)])
+        mcounts = torch.zeros(B).index_add_(0, rows[flag], torch.ones(int(flag.sum())))
+        return sums, batch.lengths.to(self.device).float(), msums, mcounts
+
+    def _token_nll(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """NLL of every real behaviour token, flat, with its (row, column) in the batch."""
+        P = self.layout.prefix_len
         hidden = self.hidden_states(theta, batch)
         # hidden at position t predicts token t+1: behaviour token j sits at P+j, predicted from P+j-1
         T = batch.behaviour.shape[1]
@@ -149,9 +166,7 @@ class Scorer:
         rows, cols = valid.nonzero(as_tuple=True)
         h = hidden[rows.to(self.device), (P - 1 + cols).to(self.device)]
         targets = batch.behaviour[rows, cols].to(self.device)
-        nll = self._chunked_ce(h, targets)
-        sums = torch.zeros(B, device=self.device).index_add_(0, rows.to(self.device), nll)
-        return sums, batch.lengths.to(self.device).float()
+        return self._chunked_ce(h, targets), rows, cols
 
     def _chunked_ce(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         out = []

@@ -1,0 +1,201 @@
+"""Amortised inference: soft profiles read off the user's history by a shared map, trained by the likelihood.
+
+    z_u          = (mean over the user's train windows of the frozen LLM's pooled state - population mean) / std
+    theta_{u,k}  = shared_k + A_k B_k z_u                      (rank r; A_k = 0 at init, so training starts
+                                                                at the population prompt)
+
+``shared``, ``A`` and ``B`` are trained together by the behaviour NLL of a window the encoder did **not** read:
+``target: loo`` leaves the target window out of z_u, ``target: forecast`` reads only the windows before it
+(the held-out task: the future from the past). Why amortised: the per-user E-step estimates ~576 numbers per
+profile from one noisy window per Adam step and comes out as noise, while the same LLM reading the history in
+context clearly predicts the user; a shared map pools what every user teaches about reading a history. A new
+user costs one no-grad forward over their windows, no gradient step.
+
+Codes, evaluation, checkpoints and outputs are the EM fitter's: after each epoch every user's personal part
+``A B z_u`` is written into the residual table, which the M-step quantises as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from userip.errors import UseripError
+from userip.monitor import release_memory
+from userip.profile.config import ProfileConfig
+from userip.profile.em import Corpus, ProfileFitter
+from userip.profile.pooled import PooledStates
+from userip.profile.template import make_batch
+from userip.quantize import assign, prepare_for_codes
+
+log = logging.getLogger(__name__)
+
+
+class HistoryMap(torch.nn.Module):
+    """Per profile k, a rank-r map from the standardised history state z [H_in] to its soft tokens [n_k, H]."""
+
+    def __init__(self, cfg: ProfileConfig, hidden: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.n = max(p.n_tokens for p in cfg.profiles)
+        self.n_tokens = [p.n_tokens for p in cfg.profiles]
+        self.hidden = hidden
+        r = cfg.rank
+        self.A = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.zeros(n_k * hidden, r)) for n_k in self.n_tokens])
+        self.B = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(r, hidden, generator=generator) / hidden**0.5) for _ in self.n_tokens])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = z.new_zeros(len(z), len(self.n_tokens), self.n, self.hidden)
+        for k, n_k in enumerate(self.n_tokens):
+            out[:, k, :n_k] = (z @ self.B[k].T @ self.A[k].T).view(len(z), n_k, self.hidden)
+        return out
+
+
+class AmortisedFitter(ProfileFitter):
+    """Fits the shared prompt and the history map; personal parts (and so codes) follow from the history."""
+
+    def __init__(self, llm, cfg: ProfileConfig, corpus: Corpus, out_dir: Path | None = None,
+                 states: PooledStates | None = None, progress: bool = False) -> None:
+        super().__init__(llm, cfg, corpus, out_dir)
+        if self.dist.world > 1:
+            raise UseripError("inference 'amortised' runs in one process (the sharded fit is for 'em')")
+        self.pooled = states or PooledStates(llm, cfg.pool, cfg.pool_batch)
+        self.states = self.pooled.get(corpus.train, progress=progress)
+        self.sums = {u: s.sum(0) for u, s in self.states.items()}
+        means = torch.stack([self.sums[u] / len(self.states[u]) for u in sorted(self.states)])
+        self.h_mean = means.mean(0)
+        self.h_std = means.std(0).clamp(min=1e-6) if len(means) > 1 else torch.ones_like(self.h_mean)
+        g = torch.Generator().manual_seed(cfg.seed + 5)
+        self.map = HistoryMap(cfg, llm.hidden_size, g)
+        self.shared_param = torch.nn.Parameter(self.profiles.shared)  # shares storage with profiles.shared
+        self.opt = torch.optim.Adam([{"params": [self.shared_param], "lr": cfg.lr_shared},
+                                     {"params": list(self.map.parameters()), "lr": cfg.lr_map}])
+        self.profiles.table.zero_()
+
+    # ------------------------------------------------------------------ features
+    def standardise(self, h: torch.Tensor) -> torch.Tensor:
+        return (h - self.h_mean) / self.h_std
+
+    def features(self, users: list[int], target: list[int] | None = None) -> torch.Tensor:
+        """z for ``users`` from all their windows, or without ``target[i]`` (loo) / from the windows before it
+        (forecast); a user with nothing left to read gets the population (z = 0)."""
+        out = torch.zeros(len(users), self.h_mean.numel())
+        for i, u in enumerate(users):
+            st = self.states[u]
+            if target is None:
+                h, n = self.sums[u], len(st)
+            elif self.cfg.target == "forecast":
+                h, n = st[: target[i]].sum(0), target[i]
+            else:
+                h, n = self.sums[u] - st[target[i]], len(st) - 1
+            if n > 0:
+                out[i] = self.standardise(h / n)
+        return out
+
+    def _targets(self, users: list[int], g: torch.Generator) -> list[int]:
+        """A random target window per user (forecast: one with at least one window before it, where possible)."""
+        out = []
+        for u in users:
+            n = len(self.corpus.train[u])
+            lo = 1 if (self.cfg.target == "forecast" and n > 1) else 0
+            out.append(lo + int(torch.randint(n - lo, (1,), generator=g)))
+        return out
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self, g: torch.Generator, epochs: int, progress: bool) -> tuple[float, float]:
+        cfg = self.cfg
+        order = self.users[torch.randperm(len(self.users), generator=g)].tolist()
+        B = cfg.batch_users
+        batches = [order[s : s + B] for s in range(0, len(order), B)]
+        steps = cfg.steps_per_epoch or len(batches)
+        nll_sum, tok_sum = 0.0, 0.0
+        bar = tqdm(range(steps), desc=f"epoch {self.state.epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for b in bar:
+            users = batches[b % len(batches)]
+            target = self._targets(users, g)
+            z = self.features(users, target)
+            rows = [self.corpus.train[u][t] for u, t in zip(users, target, strict=True)]
+            self.opt.zero_grad(set_to_none=True)
+            mb = cfg.micro_batch or len(users)
+            for s in range(0, len(users), mb):
+                theta = self.shared_param + self.map(z[s : s + mb])
+                sums, counts = self.scorer.row_nll(theta, make_batch(rows[s : s + mb]))
+                ((sums / counts).sum() / len(users)).backward()
+                nll_sum += float(sums.detach().sum())
+                tok_sum += float(counts.sum())
+            self.opt.step()
+            bar.set_postfix(nll=f"{nll_sum / max(tok_sum, 1):.3f}")
+            if b % 8 == 7:
+                release_memory()
+        self.materialise(self.users)
+        return nll_sum, tok_sum
+
+    @torch.no_grad()
+    def materialise(self, users: torch.Tensor) -> None:
+        """Write ``users``' personal parts (map of their full history) into the residual table."""
+        for s in range(0, len(users), 1024):
+            chunk = users[s : s + 1024]
+            self.profiles.table[self.rows(chunk)] = self.map(self.features(chunk.tolist()))
+
+    # ------------------------------------------------------------------ state
+    def map_state(self) -> dict[str, torch.Tensor]:
+        """The trained encoder: map weights and the history standardisation (saved with the profiles)."""
+        out = {f"map.{k}": v.detach().clone() for k, v in self.map.state_dict().items()}
+        out.update({"map.h_mean": self.h_mean.clone(), "map.h_std": self.h_std.clone()})
+        return out
+
+    def load_map_state(self, t: dict[str, torch.Tensor]) -> None:
+        self.map.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("map.") and k[4] in "AB"})
+        self.h_mean, self.h_std = t["map.h_mean"].clone(), t["map.h_std"].clone()
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        snap = super()._snapshot()
+        snap.update(self.map_state())
+        return snap
+
+    def _restore(self, snap: dict[str, torch.Tensor]) -> None:
+        super()._restore(snap)
+        if any(k.startswith("map.") for k in snap):
+            self.load_map_state(snap)
+
+    def extra_checkpoint(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, p in enumerate([self.shared_param, *self.map.parameters()]):
+            s = self.opt.state.get(p, {})
+            out.update({f"opt.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).clone() for k, v in s.items()})
+        return out
+
+    def load_extra_checkpoint(self, t: dict[str, torch.Tensor]) -> None:
+        for i, p in enumerate([self.shared_param, *self.map.parameters()]):
+            s = {k.split(".", 2)[2]: v.clone() for k, v in t.items() if k.startswith(f"opt.{i}.")}
+            if s:
+                self.opt.state[p] = s
+
+    def output_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.contiguous() for k, v in self.map_state().items()}
+
+    def load_fitted(self, profiles_dir: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        super().load_fitted(profiles_dir)
+        self.load_map_state(load_file(str(Path(profiles_dir) / "profiles.safetensors")))
+
+    # ------------------------------------------------------------------ new users
+    @torch.no_grad()
+    def infer(self, users: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """Codes for ``users`` (rows of this corpus) from one no-grad pass over their history: no gradient step."""
+        st = self.state
+        if st.z is None or not st.codebooks:
+            raise ValueError("infer needs a fitted model (codebooks)")
+        users = torch.as_tensor(users, dtype=torch.long)
+        self.materialise(users)
+        personal = self.profiles.personal(self.rows(users))
+        for k, p in enumerate(self.cfg.profiles):
+            x = prepare_for_codes(personal[:, k, : p.n_tokens].flatten(1), center=st.mu[k, : p.n_tokens].flatten())
+            idx, _ = assign(x, st.codebooks[p.name])
+            st.z[users, k] = idx + 1
+        return st.z[users].clone()

@@ -1,0 +1,127 @@
+"""Pooled history states: the frozen LLM's last hidden state, pooled over each behaviour window of a user.
+
+One no-grad forward per window (``[BOS] + window tokens``, no prompt), pooled by the mean over the window's
+tokens or at its last token. The amortised profile encoder reads these; the CTR history baselines reuse them
+(one module owns them). Computing them is the expensive part, so they are cached on disk, content-addressed:
+a user's entry is keyed by a digest of the LLM's identity, the pooling, and the user's window token ids, so a
+change of data, text rendering or model recomputes exactly the users it touches, and nothing stale is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from userip.io import atomic_path
+from userip.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+def model_key(llm, pool: str) -> str:
+    """Identity of the LLM (name, size, a checksum of its input embeddings) and the pooling."""
+    emb = llm.input_embeddings().weight
+    probe = emb.detach().flatten()[:4096].float().double().sum().item()
+    raw = f"{llm.name}|{emb.shape[0]}x{emb.shape[1]}|{probe:.10e}|{pool}"
+    return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
+
+
+def user_digest(windows: list[list[int]]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for w in windows:
+        h.update(np.asarray(w, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.digest()
+
+
+@torch.no_grad()
+def pool_windows(llm, windows: list[list[int]], pool: str = "mean", batch_size: int = 32,
+                 progress: bool = False) -> torch.Tensor:
+    """[N, H] fp32 pooled last hidden states of ``windows`` (token id lists), batched by length."""
+    H = llm.hidden_size
+    out = torch.zeros(len(windows), H)
+    if not windows:
+        return out
+    bos = [int(llm.tokenizer.bos_token_id)] if llm.tokenizer.bos_token_id is not None else []
+    order = np.argsort([len(w) for w in windows], kind="stable")
+    backbone = llm.model.model
+    bar = tqdm(range(0, len(order), batch_size), desc="pooling history states", disable=not progress,
+               leave=False)
+    for s in bar:
+        idx = order[s : s + batch_size]
+        seqs = [bos + list(windows[i]) for i in idx]
+        lengths = torch.tensor([len(x) for x in seqs])
+        L = int(lengths.max())
+        ids = torch.zeros(len(seqs), L, dtype=torch.long)
+        for j, x in enumerate(seqs):
+            ids[j, : len(x)] = torch.tensor(x)
+        pos = torch.arange(L)[None]
+        attn = (pos < lengths[:, None]).long()
+        h = backbone(input_ids=ids.to(llm.device), attention_mask=attn.to(llm.device)).last_hidden_state
+        h = h.float().cpu()
+        if pool == "last":
+            pooled = h[torch.arange(len(seqs)), lengths - 1]
+        else:  # mean over the window's own tokens (BOS excluded)
+            keep = ((pos >= len(bos)) & (pos < lengths[:, None])).float()
+            pooled = (h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+        out[torch.as_tensor(idx)] = pooled
+    return out
+
+
+class PooledStates:
+    """Per user_idx, the pooled states [n_windows, H] of their train windows, from the disk cache where the
+    same user content was pooled before with the same LLM and pooling."""
+
+    def __init__(self, llm, pool: str = "mean", batch_size: int = 32, cache: Path | str | None = "default") -> None:
+        self.llm, self.pool, self.batch_size = llm, pool, batch_size
+        self.key = model_key(llm, pool)
+        if cache == "default":
+            cache = cache_dir("pooled") / f"{self.key}.safetensors"
+        self.path = Path(cache) if cache is not None else None
+
+    def _load(self) -> dict[bytes, torch.Tensor]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            t = load_file(str(self.path))
+        except Exception as e:  # a corrupt cache is recomputed, never trusted
+            log.warning("ignoring unreadable pooled-state cache %s (%s)", self.path, e)
+            return {}
+        digests, counts, states = t["digests"].numpy(), t["counts"].tolist(), t["states"]
+        offs = np.r_[0, np.cumsum(counts)]
+        return {digests[i].tobytes(): states[offs[i] : offs[i + 1]] for i in range(len(counts))}
+
+    def _save(self, entries: dict[bytes, torch.Tensor]) -> None:
+        if self.path is None or not entries:
+            return
+        keys = sorted(entries)
+        tensors = {
+            "digests": torch.tensor(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16).copy()),
+            "counts": torch.tensor([len(entries[k]) for k in keys], dtype=torch.int64),
+            "states": torch.cat([entries[k] for k in keys]).contiguous(),
+        }
+        with atomic_path(self.path) as tmp:
+            save_file(tensors, str(tmp), metadata={"key": self.key, "pool": self.pool})
+
+    def get(self, windows: dict[int, list[list[int]]], progress: bool = False) -> dict[int, torch.Tensor]:
+        """States for every user of ``windows``; pools (and caches) only users whose content is new."""
+        cached = self._load()
+        digest = {u: user_digest(w) for u, w in windows.items()}
+        todo = [u for u in sorted(windows) if digest[u] not in cached]
+        if todo:
+            flat = [w for u in todo for w in windows[u]]
+            log.info("pooling %d windows of %d users (%d users cached)", len(flat), len(todo), len(windows) - len(todo))
+            states = pool_windows(self.llm, flat, self.pool, self.batch_size, progress)
+            i = 0
+            for u in todo:
+                n = len(windows[u])
+                cached[digest[u]] = states[i : i + n].clone()
+                i += n
+            self._save(cached)
+        return {u: cached[digest[u]] for u in windows}

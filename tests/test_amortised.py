@@ -1,0 +1,199 @@
+"""Amortised inference, the in-context ceiling, bootstrap intervals and rated behaviour text."""
+
+import numpy as np
+import pytest
+import torch
+
+from userip.llm import tiny_llm
+from userip.profile import Corpus, ProfileConfig
+from userip.profile import evaluate as ev
+from userip.profile.amortised import AmortisedFitter
+from userip.profile.em import encode_context, rating_marks
+from userip.profile.pooled import PooledStates, pool_windows
+
+A = ["Toy Story: 5", "Jumanji: 4", "children comedy: 5", "love music: 4"]
+B = ["Heat: 2", "Casino: 1", "crime thriller: 2", "war western: 1"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return tiny_llm(seed=0)
+
+
+def planted(tok, n_users=32, seed=0, context=True):
+    """Two groups with disjoint items and ratings: the history says which group a user is in."""
+    rng = np.random.default_rng(seed)
+    train, held, ctx = {}, {}, {}
+    for u in range(1, n_users + 1):
+        vocab = A if u % 2 else B
+        train[u] = ["; ".join(rng.choice(vocab, 5)) for _ in range(3)]
+        held[u] = ["; ".join(rng.choice(vocab, 5))]
+        ctx[u] = "; ".join(rng.choice(vocab, 6))
+    act = np.zeros(n_users + 1, dtype=np.int64)
+    act[1:] = rng.integers(5, 50, n_users)
+    return Corpus.from_text(tok, train, held, n_users, act, 64, context=ctx if context else None,
+                            lead_in="The user watched:", rated=True)
+
+
+def cfg(**kw):
+    base = dict(profiles=[{"name": "hobby", "codebook_size": 2}, {"name": "background", "codebook_size": 2}],
+                inference="amortised", batch_users=8, epochs=4, max_tokens=64, rank=4, lr_map=0.05,
+                lr_shared=0.05, patience=10, bootstrap=200)
+    base.update(kw)
+    return ProfileConfig(**base)
+
+
+def test_amortised_fit_learns_personal_profiles_that_follow_the_planted_groups(llm, tmp_path):
+    from sklearn.metrics import adjusted_rand_score
+
+    corpus = planted(llm.tokenizer)
+    f = AmortisedFitter(llm, cfg(), corpus, None, states=PooledStates(llm, cache=tmp_path / "c.safetensors"))
+    assert float(f.map.A[0].detach().abs().sum()) == 0.0  # starts at the population prompt
+    st = f.fit(progress=False)
+    last = st.metrics[-1]
+    train = [m["train_nll"] for m in st.metrics]
+    assert train[-1] < train[0], train
+    assert float(f.map.A[0].detach().abs().sum()) > 0
+    # own beats the population prompt and another user's profile on held-out windows
+    assert last["heldout"]["own"] < last["heldout"]["mean"]
+    assert last["heldout"]["own"] < last["heldout"]["shuffled"]
+    groups = np.array([u % 2 for u in range(1, 33)])
+    z = f.assignments()[1:].numpy()
+    assert max(adjusted_rand_score(groups, z[:, k]) for k in range(2)) > 0.6
+    # report half, intervals, ceiling and the captured fraction are all there
+    gaps = last["report"]["gaps"]
+    assert {"own_vs_mean", "own_vs_shuffled", "codeword_vs_mean", "calibrated_vs_mean"} <= set(gaps)
+    assert gaps["own_vs_mean"]["lo"] <= gaps["own_vs_mean"]["token"] <= gaps["own_vs_mean"]["hi"]
+    assert last["select"]["users"] + last["report"]["users"] == last["eval_users"]
+    assert "rating_token" in gaps["own_vs_mean"] and "item" in gaps["own_vs_mean"]
+    assert f.ceiling_metrics["personal_gain"] is not None
+    assert "captured" in last and last["personal_scale"] in (1.0, 0.5)
+
+
+def test_loo_and_forecast_features_never_read_the_target_window(llm, tmp_path):
+    corpus = planted(llm.tokenizer, n_users=8)
+    states = PooledStates(llm, cache=tmp_path / "c.safetensors")
+    for target in ("loo", "forecast"):
+        f = AmortisedFitter(llm, cfg(target=target), corpus, None, states=states)
+        u = 3
+        z = f.features([u], [2])
+        st = f.states[u]
+        read = st[:2].mean(0) if target == "forecast" else st[[0, 1]].mean(0)
+        assert torch.allclose(z[0], f.standardise(read), atol=1e-6)
+        changed = dict(f.states)
+        changed[u] = st.clone()
+        changed[u][2] += 100.0  # the target window's state must not matter
+        f.states, f.sums = changed, {k: v.sum(0) for k, v in changed.items()}
+        assert torch.allclose(f.features([u], [2]), z, atol=1e-5)
+
+
+def test_pooled_states_are_cached_by_content_and_match_a_fresh_pass(llm, tmp_path):
+    corpus = planted(llm.tokenizer, n_users=6)
+    path = tmp_path / "pooled.safetensors"
+    first = PooledStates(llm, cache=path).get(corpus.train)
+    assert path.exists()
+    again = PooledStates(llm, cache=path)
+    calls = []
+    import userip.profile.pooled as pooled
+
+    orig = pooled.pool_windows
+    pooled.pool_windows = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        second = again.get(corpus.train)
+        assert not calls, "unchanged users must come from the cache"
+        changed = {**corpus.train, 1: corpus.train[1][:2]}  # user 1's content changed: recomputed
+        third = again.get(changed)
+        assert calls
+    finally:
+        pooled.pool_windows = orig
+    for u in corpus.train:
+        assert torch.equal(first[u], second[u])
+    assert torch.allclose(third[1], first[1][:2], atol=1e-5)
+    # a window's mean-pooled state does not depend on what else is in its batch
+    alone = pool_windows(llm, corpus.train[3][:1])
+    assert torch.allclose(alone[0], first[3][0], atol=1e-5)
+
+
+def test_resume_after_interruption_gives_identical_ids(llm, tmp_path):
+    corpus = planted(llm.tokenizer, n_users=16)
+    states = PooledStates(llm, cache=tmp_path / "c.safetensors")
+    full = AmortisedFitter(llm, cfg(epochs=3), corpus, tmp_path / "a", states=states)
+    full.fit(progress=False)
+    first = AmortisedFitter(llm, cfg(epochs=3), corpus, tmp_path / "b", states=states)
+    first.fit(epochs=1, progress=False)
+    resumed = AmortisedFitter(llm, cfg(epochs=3), corpus, tmp_path / "b", states=states)
+    st = resumed.fit(progress=False)
+    assert [m["epoch"] for m in st.metrics] == [1, 2, 3]
+    assert torch.equal(full.assignments(), resumed.assignments())
+    assert torch.allclose(full.theta_table()[0], resumed.theta_table()[0])
+
+
+def test_new_users_get_their_fitted_ids_with_no_gradient_step(llm, tmp_path):
+    corpus = planted(llm.tokenizer, n_users=24)
+    states = PooledStates(llm, cache=tmp_path / "c.safetensors")
+    fit = AmortisedFitter(llm, cfg(), corpus, tmp_path, states=states)
+    fit.fit(progress=False)
+    from userip.profile.api import write_outputs
+
+    class _Data:
+        fingerprint, path = "x", tmp_path
+
+        @staticmethod
+        def user_ids(idx):
+            return [str(i) for i in idx]
+
+    write_outputs(tmp_path / "out", fit, _Data, cfg(), "tiny", {})
+    users = list(range(1, 11))
+    rows = [24 + 1 + i for i in range(len(users))]
+    new = Corpus({r: corpus.train[u] for r, u in zip(rows, users, strict=True)}, {}, 24 + len(rows),
+                 np.zeros(24 + len(rows) + 1, dtype=np.int64))
+    inf = AmortisedFitter(llm, cfg(), new, None, states=states)
+    inf.load_fitted(tmp_path / "out")
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("no autograd graph"), lambda t: t):
+        z = inf.infer(torch.tensor(rows))
+    assert torch.equal(z, fit.assignments()[users]), "the same history must give the same IDs"
+
+
+def test_context_nll_equals_the_naive_hf_loss_on_the_target_tokens(llm):
+    tok = llm.tokenizer
+    ctx = [tok.bos_token_id] + encode_context(tok, "The user watched:", "Heat: 2; Casino: 1")
+    tgt = tok(" Toy Story: 5; Jumanji: 4", add_special_tokens=False)["input_ids"]
+    marks = torch.tensor([rating_marks(tok, "Toy Story: 5; Jumanji: 4", 64)])
+    sums, counts, msums, mcounts = ev.context_nll(llm, [ctx + tgt], [len(ctx)], marks)
+    ids = torch.tensor([ctx + tgt])
+    labels = ids.clone()
+    labels[:, : len(ctx)] = -100
+    with torch.no_grad():
+        ref = llm.model(input_ids=ids, labels=labels).loss
+    assert counts.item() == len(tgt)
+    assert torch.allclose(sums / counts, ref, atol=1e-5)
+    assert mcounts.item() == 2 and 0 < msums.item() < sums.item()
+
+
+def test_rating_marks_pick_the_rating_tokens(llm):
+    tok = llm.tokenizer
+    text = "Toy Story: 5; Heat: 2"
+    marks = rating_marks(tok, text, 64)
+    ids = tok(" " + text, add_special_tokens=False)["input_ids"]
+    marked = "".join(tok.decode([i]) for i, m in zip(ids, marks, strict=True) if m)
+    assert marked.replace(" ", "") == "52"
+
+
+def test_bootstrap_interval_and_verdict_follow_the_data():
+    rng = np.random.default_rng(0)
+    n = 200
+    tokens = rng.integers(20, 40, n).astype(float)
+    base = rng.normal(2.5, 0.3, n) * tokens
+
+    def sums(shift):
+        s = ev.UserSums(np.arange(n), {"mean": base.copy(), "own": base - shift * tokens},
+                        {"mean": np.zeros(n), "own": np.zeros(n)}, tokens, np.zeros(n), tokens / 5)
+        return s
+
+    pos = ev.paired_gap(sums(rng.normal(0.05, 0.05, n)), "mean", "own", 1000, 0)
+    assert pos["lo"] > 0 and pos["verdict"] == "positive"
+    null = ev.paired_gap(sums(rng.normal(0.0, 0.05, n)), "mean", "own", 1000, 0)
+    assert null["lo"] < 0 < null["hi"] and null["verdict"] == "interval includes 0"
+    assert pos["item"] == pytest.approx(pos["token"] * 5, rel=1e-9)
+    sel, rep = ev.halves(np.arange(n), 0)
+    assert sel.sum() == rep.sum() == n // 2 and not (sel & rep).any()
