@@ -65,6 +65,40 @@ def load_run_config(path: str | Path | None = None, quick: bool = False, **overr
     return cfg
 
 
+def _params(fn: Callable[..., Any], drop: tuple[str, ...]) -> set[str]:
+    import inspect
+
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n for n, p in inspect.signature(fn).parameters.items() if p.kind in kinds and n not in drop}
+
+
+def check_sections(cfg: dict[str, Any]) -> None:
+    """Unknown keys in the `ctr:`, `explain:` and `baselines:` sections are a clear `UseripError` (the stage
+    functions would raise a TypeError mid-run, after the expensive stages); so is a section that is not a
+    mapping."""
+    from userip.baselines import text_profile_baseline
+    from userip.ctr import run_ctr_table, train_ctr
+    from userip.explain import explain
+
+    fixed = ("data", "data_dir", "llm", "cardinalities", "seed", "cache_dir", "out", "overwrite", "progress",
+             "meta", "extra_ids", "extra_dense", "profiles_dir", "bank", "write", "train", "val", "test", "ids",
+             "id_sizes", "activity", "theta", "profile_names")
+    known = {
+        "ctr": _params(train_ctr, fixed) | _params(run_ctr_table, fixed) | {"baseline_dense"},
+        "explain": _params(explain, (*fixed, "profiles_dir")),
+        "baselines": _params(text_profile_baseline, fixed) | {"content_kmeans", "text_profile"},
+    }
+    where = cfg.get("config_path", "run config")
+    for section, keys in known.items():
+        value = cfg.get(section) or {}
+        if not isinstance(value, dict):
+            raise UseripError(f"config {where}: section '{section}' must be a mapping, got {type(value).__name__}")
+        unknown = sorted(set(value) - keys)
+        if unknown:
+            raise UseripError(f"config {where}: unknown keys {unknown} in the '{section}:' section; "
+                              f"known keys: {sorted(keys)}")
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in extra.items():
@@ -224,6 +258,7 @@ def run(config: str | Path | None = None, out: str | Path | None = None, *, quic
     Files userip did not write are never removed.
     """
     cfg = load_run_config(config, quick, **overrides)
+    check_sections(cfg)
     out = Path(out) if out is not None else Path("runs") / cfg["name"]
     claimed = claim_output_dir(out, "run", overwrite=overwrite)
     record_path = out / "run.json"

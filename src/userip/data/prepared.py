@@ -310,6 +310,13 @@ def build(raw: RawTables, cfg: DataConfig, name: str) -> PreparedData:
     fp = fingerprint_ids(user_map, item_map)
     stats = compute_stats(df, users, items, genre_vocab, cfg, name=name, source=raw.source, fingerprint=fp)
     stats["label_rule"] = label_rule
+    if stats["n_users_without_train"]:
+        log.warning(
+            "%s: %d of %d users have no train interactions (%d with a single interaction): the split puts all "
+            "their history in val/test, so they get no profile and count as cold users",
+            raw.files.get("interactions", name), stats["n_users_without_train"],
+            stats["n_users_with_interactions"], stats["n_users_single_interaction"],
+        )  # fmt: skip
     return PreparedData(df, items, users, stats, cfg, id_maps)
 
 
@@ -359,6 +366,9 @@ def compute_stats(
         "n_genres": len(genre_vocab),
         "n_users_with_interactions": int(inter["user_idx"].nunique()),
         "n_items_with_interactions": int(inter["item_idx"].nunique()),
+        "n_users_single_interaction": int((inter.groupby("user_idx").size() == 1).sum()),
+        "n_users_without_train": int(inter["user_idx"].nunique())
+        - int(inter.loc[(inter["split"] == "train").to_numpy(), "user_idx"].nunique()),
         "label_rate": round(float(labels.mean()), 6) if len(labels) else None,
         "rating_mean": None if inter["rating"].isna().all() else round(float(inter["rating"].mean()), 6),
         "timestamp_range": [int(inter["timestamp"].min()), int(inter["timestamp"].max())],
@@ -454,7 +464,10 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"items {stats.get('n_items')} | genres {stats.get('n_genres')}",
         f"split ({stats.get('split_mode')}): "
         + " | ".join(f"{s} {sp.get(s, {}).get('interactions')}" for s in SPLITS),
-        "users per split: " + " | ".join(f"{s} {sp.get(s, {}).get('users')}" for s in SPLITS),
+        "users per split: " + " | ".join(f"{s} {sp.get(s, {}).get('users')}" for s in SPLITS)
+        + (f" | without train {stats['n_users_without_train']} "
+           f"({stats.get('n_users_single_interaction')} with a single interaction)"
+           if stats.get("n_users_without_train") else ""),
         f"label rate ({stats.get('label_rule', 'label')}): all {rate(stats.get('label_rate'))} | "
         + " | ".join(f"{s} {rate(sp.get(s, {}).get('label_rate'))}" for s in SPLITS),
         f"fingerprint {str(stats.get('fingerprint'))[:16]}",

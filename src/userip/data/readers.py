@@ -7,6 +7,8 @@ message alone, without reading a traceback.
 
 from __future__ import annotations
 
+import csv
+import logging
 import math
 import re
 import warnings
@@ -19,6 +21,8 @@ import pandas as pd
 
 from userip.data.config import DataConfig
 from userip.errors import InputError
+
+log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": ",", ".inter": "\t", ".item": "\t", ".user": "\t"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
@@ -72,6 +76,8 @@ def read_table(path: str | Path, *, sep: str | None = None) -> pd.DataFrame:
             f"{', '.join(sorted(set(TEXT_SUFFIXES) | PARQUET_SUFFIXES))}",
         )
     df.columns = [_strip_type(str(c)) for c in df.columns]
+    if suffix in TEXT_SUFFIXES and len(df.columns) == 1:
+        _check_single_column(path, str(df.columns[0]), sep or TEXT_SUFFIXES[suffix])
     dup = [c for c in df.columns if list(df.columns).count(c) > 1]
     if dup:
         raise InputError(path, f"duplicate column name '{dup[0]}' in the header", row=None, field=dup[0])
@@ -110,8 +116,33 @@ def _read_text(path: Path, sep: str) -> pd.DataFrame:
                 ) from None
             raise InputError(path, f"cannot parse as {_sep_name(sep)}-separated text: {e}") from None
         # (a row with too few fields reads as empty strings; the per-field checks then name row and field)
+        header = _raw_header(path, sep, encoding)
+        if header is not None and len(header) == len(df.columns):
+            df.columns = header  # pandas renames a repeated name to `name.1`: keep the file's, checked later
         return df
     raise InputError(path, f"cannot decode as utf-8 or latin-1: {last}")  # pragma: no cover
+
+
+def _raw_header(path: Path, sep: str, encoding: str) -> list[str] | None:
+    if len(sep) != 1:
+        return None
+    try:
+        with open(path, encoding=encoding, newline="") as f:
+            return next(csv.reader(f, delimiter=sep, quotechar='"'))
+    except (OSError, UnicodeDecodeError, StopIteration, csv.Error):
+        return None
+
+
+def _check_single_column(path: Path, name: str, sep: str) -> None:
+    """One column whose name holds another separator: the file uses that one (e.g. a semicolon CSV)."""
+    for other in (";", "\t", "|", ","):
+        if other != sep and other in name and len(name.split(other)) > 1:
+            raise InputError(
+                path,
+                f"the header has a single {_sep_name(sep)}-separated column '{name}': the file looks "
+                f"{_sep_name(other)}-separated. Set the separator with csv_sep: {other!r} in the data config",
+                row=1,
+            )
 
 
 def _sep_name(sep: str) -> str:
@@ -125,7 +156,9 @@ def _strip_type(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def require_columns(df: pd.DataFrame, path: str | Path, table: str, wanted: dict[str, str]) -> None:
+def require_columns(
+    df: pd.DataFrame, path: str | Path, table: str, wanted: dict[str, str], hints: dict[str, str] | None = None
+) -> None:
     """``wanted``: canonical key -> column name. Missing ones are reported with the columns that do exist."""
     for key, col in wanted.items():
         if col not in df.columns:
@@ -133,7 +166,7 @@ def require_columns(df: pd.DataFrame, path: str | Path, table: str, wanted: dict
                 path,
                 f"missing {table} column '{col}' (used as {key}); "
                 f"columns present: {', '.join(map(str, df.columns))}."
-                f" Map it with columns.{table}.{key} in the config",
+                f" Map it with columns.{table}.{key} in the config" + (hints or {}).get(key, ""),
                 field=col,
             )
 
@@ -282,7 +315,9 @@ def read_interactions(path: str | Path, cfg: DataConfig) -> tuple[pd.DataFrame, 
         wanted["label"] = label_col
     if text_col is not None:
         wanted["text"] = text_col
-    require_columns(df, path, "interactions", wanted)
+    hints = {"rating": "; for a log of 0/1 labels (clicks) instead of ratings, name that column with "
+                       "columns.interactions.label"} if label_col is None else {}
+    require_columns(df, path, "interactions", wanted, hints)
     out = pd.DataFrame(
         {
             "user_id": to_ids(df[cols.user_id], path, cols.user_id),
@@ -330,7 +365,29 @@ def read_items(path: str | Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[st
     if "text" in wanted:
         out["text"] = to_text(df[wanted["text"]])
     out["_row"] = np.arange(1, len(df) + 1)
+    if "genres" in wanted:
+        check_genres(out["genres"].tolist(), path, wanted["genres"], cfg.genre_sep)
     return out, wanted
+
+
+def check_genres(genres: list[list[str]], path: str | Path, col: str, sep: str) -> None:
+    """Warn when the genre vocabulary looks like combinations split with the wrong ``genre_sep``."""
+    vocab = {g for gs in genres for g in gs}
+    n_items = max(len(genres), 1)
+    parts: dict[str, set[str]] = {}
+    for other in (" ", ",", ";", "/", "|"):
+        if other != sep:
+            parts[other] = {p.strip() for g in vocab for p in g.split(other) if p.strip()}
+    combined = {o: p for o, p in parts.items() if sum(o in g for g in vocab) >= max(2, len(vocab) // 4)
+                and len(p) < len(vocab)}
+    too_many = len(vocab) > 50 and len(vocab) > 0.1 * n_items
+    if combined or too_many:
+        other = next(iter(combined), None)
+        hint = "" if other is None else f" (they look {'space' if other == ' ' else _sep_name(other)}-separated)"
+        log.warning(
+            "%s, field '%s': %d distinct genres for %d items looks implausible%s; check genre_sep in the data "
+            "config (now %r)", path, col, len(vocab), len(genres), hint, sep,
+        )
 
 
 def read_users(path: str | Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, str]]:
