@@ -8,7 +8,7 @@ from userip.llm import tiny_llm
 from userip.profile import Corpus, ProfileConfig
 from userip.profile import evaluate as ev
 from userip.profile.amortised import AmortisedFitter
-from userip.profile.em import encode_context, rating_marks
+from userip.profile.corpus import encode_context, rating_marks
 from userip.profile.pooled import PooledStates, pool_windows
 
 A = ["Toy Story: 5", "Jumanji: 4", "children comedy: 5", "love music: 4"]

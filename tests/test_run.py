@@ -52,7 +52,7 @@ def test_run_quick_end_to_end_and_resume(run_config, tmp_path):
             "+text-dense"} <= set(runs["variant"])
     assert set(runs["seed"]) == {0, 1}
     report = (out / "report.md").read_text()
-    for section in ("## Headline", "## Profiles (EM)", "## CTR", "## Validity probe", "## Explanations",
+    for section in ("## Headline", "## Profiles", "## CTR", "## Validity probe", "## Explanations",
                     "## Cost per stage"):
         assert section in report
     html = (out / "report.html").read_text()

@@ -1,8 +1,9 @@
-"""Soft user profiles fitted by EM on a frozen causal LM (UserIP-Tuning)."""
+"""Soft user profiles on a frozen causal LM (UserIP-Tuning): per-user EM or amortised inference."""
 
 from userip.profile.api import fit_profiles, id_counts, infer_profiles, load_config, read_ids
 from userip.profile.config import DEFAULT_TEMPLATE, ProfileConfig, ProfileSpec
-from userip.profile.em import Corpus, ProfileFitter
+from userip.profile.corpus import Corpus
+from userip.profile.em import ProfileFitter
 from userip.profile.optim import RowAdam
 
 __all__ = [

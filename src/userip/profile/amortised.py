@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from userip.errors import UseripError
 from userip.monitor import release_memory
 from userip.profile.config import ProfileConfig
-from userip.profile.em import Corpus, ProfileFitter
+from userip.profile.corpus import Corpus
+from userip.profile.fitter import Fitter
 from userip.profile.pooled import PooledStates
 from userip.profile.template import make_batch
 from userip.quantize import assign, prepare_for_codes
@@ -55,7 +56,7 @@ class HistoryMap(torch.nn.Module):
         return out
 
 
-class AmortisedFitter(ProfileFitter):
+class AmortisedFitter(Fitter):
     """Fits the shared prompt and the history map; personal parts (and so codes) follow from the history."""
 
     def __init__(self, llm, cfg: ProfileConfig, corpus: Corpus, out_dir: Path | None = None,
@@ -64,7 +65,10 @@ class AmortisedFitter(ProfileFitter):
         if self.dist.world > 1:
             raise UseripError("inference 'amortised' runs in one process (the sharded fit is for 'em')")
         self.pooled = states or PooledStates(llm, cfg.pool, cfg.pool_batch)
-        self.states = self.pooled.get(corpus.train, progress=progress)
+        # the encoder reads (and trains on) each user's most recent windows: bounds a new user's cost
+        cap = cfg.history_windows
+        self.windows = {u: (w[-cap:] if cap else w) for u, w in corpus.train.items()}
+        self.states = self.pooled.get(self.windows, progress=progress)
         self.sums = {u: s.sum(0) for u, s in self.states.items()}
         means = torch.stack([self.sums[u] / len(self.states[u]) for u in sorted(self.states)])
         self.h_mean = means.mean(0)
@@ -100,7 +104,7 @@ class AmortisedFitter(ProfileFitter):
         """A random target window per user (forecast: one with at least one window before it, where possible)."""
         out = []
         for u in users:
-            n = len(self.corpus.train[u])
+            n = len(self.windows[u])
             lo = 1 if (self.cfg.target == "forecast" and n > 1) else 0
             out.append(lo + int(torch.randint(n - lo, (1,), generator=g)))
         return out
@@ -118,7 +122,7 @@ class AmortisedFitter(ProfileFitter):
             users = batches[b % len(batches)]
             target = self._targets(users, g)
             z = self.features(users, target)
-            rows = [self.corpus.train[u][t] for u, t in zip(users, target, strict=True)]
+            rows = [self.windows[u][t] for u, t in zip(users, target, strict=True)]
             self.opt.zero_grad(set_to_none=True)
             mb = cfg.micro_batch or len(users)
             for s in range(0, len(users), mb):

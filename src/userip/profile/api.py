@@ -15,7 +15,9 @@ from safetensors.torch import save_file
 from userip.errors import UseripError
 from userip.io import atomic_path, read_yaml, write_json, write_yaml
 from userip.profile.config import ProfileConfig
-from userip.profile.em import Corpus, ProfileFitter
+from userip.profile.corpus import Corpus
+from userip.profile.em import ProfileFitter
+from userip.profile.fitter import Fitter
 from userip.seed import seed_everything
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ def lead_in(template: str) -> str:
     return tail.lstrip(" .").strip()
 
 
-def make_fitter(llm, cfg: ProfileConfig, corpus: Corpus, out: Path | None, progress: bool = False) -> ProfileFitter:
+def make_fitter(llm, cfg: ProfileConfig, corpus: Corpus, out: Path | None, progress: bool = False) -> Fitter:
     """The fitter of ``cfg.inference``: per-user EM or the amortised history map."""
     if cfg.inference == "amortised":
         from userip.profile.amortised import AmortisedFitter
@@ -125,7 +127,7 @@ def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2
     return metrics
 
 
-def write_outputs(out: Path, fitter: ProfileFitter, data, cfg: ProfileConfig, model_name: str,
+def write_outputs(out: Path, fitter: Fitter, data, cfg: ProfileConfig, model_name: str,
                   metrics: dict[str, Any]) -> None:
     """Write the PROFILES contract files (each atomically). Never the LLM weights."""
     from userip.quantize import save_codebooks
@@ -187,8 +189,6 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path, user_ids: lis
     full = build_corpus(data, llm.tokenizer, cfg.replace(max_users=0))
     fitted = read_ids(profiles_dir)
     n_old = int(fitted["user_idx"].max()) if len(fitted) else 0
-    from userip.profile.em import Corpus
-
     train, rows = {}, []
     for i, (uid, u) in enumerate(zip(user_ids, idx.tolist(), strict=True)):
         if u not in full.train:

@@ -78,6 +78,7 @@ class ProfileConfig:
     target: str = "loo"  # loo: a window the encoder did not read | forecast: the next window from earlier ones
     pool: str = "mean"  # per-window pooling of the LLM's last hidden state: mean | last (token)
     steps_per_epoch: int = 0  # 0 = one pass over the users
+    history_windows: int = 0  # the encoder reads each user's last N train windows (0 = all)
     pool_batch: int = 32  # windows per no-grad forward when pooling history states
     # evaluation / stopping
     eval_users: int = 0  # 0 = every user with validation windows
@@ -118,7 +119,7 @@ class ProfileConfig:
             if int(getattr(self, key)) < 1:
                 raise UseripError(f"config.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("prior_lambda", "prior_beta", "lr_user", "lr_shared", "delta_init_std", "joint_beta", "lr_map",
-                    "steps_per_epoch", "bootstrap"):
+                    "steps_per_epoch", "bootstrap", "history_windows"):
             if float(getattr(self, key)) < 0:
                 raise UseripError(f"config.{key}: must be >= 0, got {getattr(self, key)}")
         for name in names:

@@ -26,16 +26,7 @@ def headline(run_dir: str | Path) -> list[str]:
     lines = []
     metrics = _read(run_dir / "profiles" / "metrics.json")
     if metrics and metrics.get("final", {}).get("heldout"):
-        f = metrics["final"]
-        h = f["heldout"]
-        personal = f["gap_own_vs_mean"] > 0 and f["gap_own_vs_shuffled"] > 0
-        verdict = "personal signal" if personal else "no personal signal"
-        lines.append(
-            f"**Profiles ({verdict})**: held-out NLL/token own {h['own']:.4f} vs population mean {h['mean']:.4f} "
-            f"(gap {f['gap_own_vs_mean']:+.4f}; per user {f['gap_own_vs_mean_user']:+.4f}), vs another user's "
-            f"{h['shuffled']:.4f} (gap {f['gap_own_vs_shuffled']:+.4f}), with the codeword "
-            f"{h.get('codeword', float('nan')):.4f}."
-        )
+        lines.append(profile_headline(metrics))
     res = _read(run_dir / "ctr" / "results.json")
     if res and res.get("runs"):
         from userip.ctr.table import lift_frame
@@ -48,6 +39,37 @@ def headline(run_dir: str | Path) -> list[str]:
                 f"[{r['d_auc_low']:+.4f}, {r['d_auc_high']:+.4f}] → {r['verdict']}"
             )
     return lines
+
+
+def profile_headline(metrics: dict[str, Any]) -> str:
+    """The profile verdict: it follows the 95% interval of own vs mean on the report half of the evaluation
+    users, never the sign of a point gap, and is measured against the in-context ceiling."""
+    f = metrics["final"]
+    h = f["heldout"]
+    g = f.get("report", {}).get("gaps", {})
+    om, osh = g.get("own_vs_mean", {}), g.get("own_vs_shuffled", {})
+    if "lo" not in om:  # a fit from before intervals: point gaps only
+        personal = f["gap_own_vs_mean"] > 0 and f["gap_own_vs_shuffled"] > 0
+        verdict = "personal signal" if personal else "no personal signal"
+        return (f"**Profiles ({verdict}, no interval)**: held-out NLL/token own {h['own']:.4f} vs population mean "
+                f"{h['mean']:.4f} (gap {f['gap_own_vs_mean']:+.4f}), vs another user's {h['shuffled']:.4f}.")
+    verdict = "personal signal" if om["lo"] > 0 else "no personal signal"
+    text = (f"**Profiles ({verdict})**: on {om['users']} held-out report users, own beats the population prompt by "
+            f"{om['token']:+.4f} nats/token [{om['lo']:+.4f}, {om['hi']:+.4f}] ({om['item']:+.4f} per item) and "
+            f"another user's profile by {osh.get('token', float('nan')):+.4f} "
+            f"[{osh.get('lo', float('nan')):+.4f}, {osh.get('hi', float('nan')):+.4f}]")
+    if om.get("rating_share") is not None:
+        text += f"; {om['rating_share']:.0%} of the gain is on rating tokens"
+    c = metrics.get("ceiling") or {}
+    if c.get("personal_gain"):
+        text += (f". Ceiling (own vs another's history in context): {c['personal_gain']:+.4f} nats/token; "
+                 f"the profile captures {f.get('captured', 0):.0%} of it")
+        if f.get("personal_scale", 1.0) != 1.0:
+            cal = g.get("calibrated_vs_mean", {})
+            text += (f" ({f.get('captured_calibrated', 0):.0%} with the personal part scaled by "
+                     f"{f['personal_scale']:g}: {cal.get('token', float('nan')):+.4f} "
+                     f"[{cal.get('lo', float('nan')):+.4f}, {cal.get('hi', float('nan')):+.4f}])")
+    return text + "."
 
 
 def _img(path: Path, run_dir: Path, alt: str) -> str:
@@ -71,9 +93,10 @@ def build_report(run_dir: str | Path) -> list[Path]:
 
     metrics = _read(run_dir / "profiles" / "metrics.json")
     if metrics and metrics.get("epochs"):
-        parts += ["## Profiles (EM)", "", _profile_table(metrics), ""]
+        parts += ["## Profiles", "", _profile_table(metrics), ""]
         if all("heldout" in m for m in metrics["epochs"]):
-            parts.append(_img(plots.em_curves(metrics["epochs"], pdir / "em_curves.png"), run_dir, "EM curves"))
+            png = plots.em_curves(metrics["epochs"], pdir / "em_curves.png", metrics.get("ceiling"))
+            parts.append(_img(png, run_dir, "profile curves"))
         codes = metrics.get("final", {}).get("codes")
         if codes:
             parts += ["", _img(plots.code_usage(codes, pdir / "code_usage.png"), run_dir, "code usage"), ""]
@@ -119,17 +142,27 @@ def build_report(run_dir: str | Path) -> list[Path]:
 
 
 def _profile_table(metrics: dict[str, Any]) -> str:
-    rows = ["| epoch | train NLL | held-out own | shuffled | mean | codeword | mean − own | per user | s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| epoch | train NLL | held-out own | shuffled | mean | codeword | mean − own (report half, 95% CI) "
+            "| captured | s |", "|---|---|---|---|---|---|---|---|---|"]
     for m in metrics["epochs"]:
         h = m.get("heldout", {})
         cells = [f"{h[k]:.4f}" if k in h else "–" for k in ("own", "shuffled", "mean", "codeword")]
-        gaps = [m.get(k, float("nan")) for k in ("gap_own_vs_mean", "gap_own_vs_mean_user")]
+        g = m.get("report", {}).get("gaps", {}).get("own_vs_mean", {})
+        gap = (f"{g['token']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}]" if "lo" in g
+               else f"{m.get('gap_own_vs_mean', float('nan')):+.4f}")
+        cap = f"{m['captured']:.0%}" if m.get("captured") is not None else "–"
         rows.append(f"| {m['epoch']} | {m['train_nll']:.4f} | " + " | ".join(cells)
-                    + f" | {gaps[0]:+.4f} | {gaps[1]:+.4f} | {m.get('wall_s', 0):.0f} |")
+                    + f" | {gap} | {cap} | {m.get('wall_s', 0):.0f} |")
     rows.append("")
-    rows.append(f"Best epoch {metrics.get('best_epoch')} of {len(metrics['epochs'])}; {metrics.get('n_users')} users; "
-                "held-out = each user's validation-period windows.")
+    rows.append(f"Best epoch {metrics.get('best_epoch')} of {len(metrics['epochs'])} (chosen on the selection half); "
+                f"{metrics.get('n_users')} users, inference {metrics.get('inference', 'em')}; held-out = each "
+                "evaluation user's first validation-period windows.")
+    c = metrics.get("ceiling") or {}
+    if c.get("personal_gain") is not None:
+        gi = c.get("gain", {})
+        rows.append(f"Ceiling on {c.get('users')} report users: own history in context {c['history_own']:.4f}, "
+                    f"another user's {c['history_other']:.4f}: personal gain {c['personal_gain']:+.4f} nats/token "
+                    f"[{gi.get('lo', float('nan')):+.4f}, {gi.get('hi', float('nan')):+.4f}].")
     return "\n".join(rows)
 
 

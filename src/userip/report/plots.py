@@ -20,7 +20,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def em_curves(epochs: list[dict[str, Any]], path: Path) -> Path:
+def em_curves(epochs: list[dict[str, Any]], path: Path, ceiling: dict[str, Any] | None = None) -> Path:
     """Train and held-out NLL per epoch; held-out with own, shuffled, mean and codeword soft tokens."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     ep = [m["epoch"] for m in epochs]
@@ -28,12 +28,19 @@ def em_curves(epochs: list[dict[str, Any]], path: Path) -> Path:
     for k, style in (("own", "o-"), ("shuffled", "s--"), ("mean", "^--"), ("codeword", "d:")):
         if all(k in m.get("heldout", {}) for m in epochs):
             a.plot(ep, [m["heldout"][k] for m in epochs], style, label=f"held-out {k}")
-    a.set(xlabel="epoch", ylabel="NLL / token", title="EM: NLL per epoch")
+    a.set(xlabel="epoch", ylabel="NLL / token", title="Profiles: NLL per epoch")
     a.legend(fontsize=8)
-    gaps = [(m.get("gap_own_vs_mean", 0), m.get("gap_own_vs_shuffled", 0)) for m in epochs]
     b.axhline(0, color="grey", lw=0.8)
-    b.plot(ep, [g[0] for g in gaps], "o-", label="mean - own")
-    b.plot(ep, [g[1] for g in gaps], "s--", label="shuffled - own")
+    for key, style, label in (("own_vs_mean", "o-", "mean - own"), ("own_vs_shuffled", "s--", "shuffled - own")):
+        g = [m.get("report", {}).get("gaps", {}).get(key, {}) for m in epochs]
+        if all("lo" in x for x in g):  # report half with its 95% interval
+            y = [x["token"] for x in g]
+            err = [[x["token"] - x["lo"] for x in g], [x["hi"] - x["token"] for x in g]]
+            b.errorbar(ep, y, yerr=err, fmt=style, capsize=3, label=f"{label} (95% CI)")
+        else:
+            b.plot(ep, [m.get("gap_" + key, 0) for m in epochs], style, label=label)
+    if ceiling and ceiling.get("personal_gain"):
+        b.axhline(ceiling["personal_gain"], color="C3", ls=":", label="ceiling: own vs other history")
     b.set(xlabel="epoch", ylabel="nats / token", title="Personal signal (> 0 is good)")
     b.legend(fontsize=8)
     return _save(fig, path)

@@ -1,0 +1,429 @@
+"""The loop every inference mode shares, readable top to bottom (nanoGPT-style).
+
+    for each epoch:
+        train_epoch        the inference mode's own training (per-user E-step, or the amortised map)
+        M-step             per profile, closed-form k-means steps on the centred, L2-normalised personal part of
+                           every user (k-means++ init, dead codes re-seeded from the worst-fitted users), and the
+                           personal part's centre mu and RMS scale s
+        evaluate           held-out NLL own / shuffled / mean / codeword (+ scaled own) with 95% intervals on the
+                           report half, and the in-context ceiling (userip.profile.evaluate)
+        keep the best epoch (chosen on the selection half), checkpoint (userip.profile.checkpoint)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from userip.errors import UseripError
+from userip.profile.checkpoint import resume, save_checkpoint
+from userip.profile.config import ProfileConfig
+from userip.profile.corpus import Corpus
+from userip.profile.dist import Dist
+from userip.profile.model import Scorer, SoftProfiles, text_init_embeddings
+from userip.quantize import (
+    assign,
+    code_sums,
+    kmeans_pp_init,
+    perplexity,
+    prepare_for_codes,
+    reseed_dead,
+    update_from_sums,
+    usage,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EMState:
+    """Everything a resumed run needs besides the config: saved to checkpoints/ after each epoch."""
+
+    epoch: int = 0  # epochs completed
+    codebooks: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [K, n*H] (normalised space)
+    z: torch.Tensor | None = None  # [U+1, m] 1-based codes, 0 = none
+    mu: torch.Tensor | None = None  # [m, n, H] centre of the personal part
+    scale: torch.Tensor | None = None  # [m] RMS spread of the personal part (the prior's scale)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_nll: float = math.inf
+    bad_epochs: int = 0
+
+
+class Fitter:
+    """What every inference mode shares: soft profiles, the epoch loop, the closed-form M-step that quantises the
+    personal parts into codes, held-out evaluation, checkpoints and outputs. A mode (``em.ProfileFitter``,
+    ``amortised.AmortisedFitter``) provides ``train_epoch`` and ``infer``. Fits the users of ``corpus`` (this
+    rank's shard when run under torch.distributed).
+    """
+
+    def __init__(self, llm, cfg: ProfileConfig, corpus: Corpus, out_dir: Path | None = None) -> None:
+        self.llm, self.cfg, self.corpus = llm, cfg, corpus
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.dist = Dist()
+        if self.dist.world > 1 and (cfg.mode != "em" or cfg.table != "residual"):
+            raise UseripError("a sharded fit (--nproc > 1) supports mode 'em' with table 'residual' only")
+        self.scorer = Scorer(llm, cfg)
+        self.users = torch.tensor(sorted(corpus.train), dtype=torch.long)  # this rank's users
+        all_users = sorted(u for part in self.dist.gather(self.users.tolist()) for u in part)
+        self.all_users = torch.tensor(all_users, dtype=torch.long)
+        if len(self.all_users) == 0:
+            raise ValueError("no user has behaviour windows to fit")
+        n_rows = corpus.n_users + 1
+        self.row_of = torch.zeros(n_rows, dtype=torch.long)  # global user index -> row of the local table
+        if self.dist.world == 1:
+            self.row_of = torch.arange(n_rows)
+            local = None
+        else:
+            self.row_of[self.users] = torch.arange(1, len(self.users) + 1)
+            local = self.users
+        g = torch.Generator().manual_seed(cfg.seed)
+        init = text_init_embeddings(llm, cfg) if cfg.init == "text" else None
+        self.profiles = SoftProfiles(cfg, corpus.n_users, llm.hidden_size, init, g, local_users=local)
+        self.state = EMState()
+        self.eval_users = self._pick_eval_users()
+        self.pop_rows = self.rows(self.users)  # rows whose mean is the plain table's population prompt
+        self.best: dict[str, torch.Tensor] = {}
+
+    def rows(self, users: torch.Tensor) -> torch.Tensor:
+        return self.row_of[users]
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self, epochs: int | None = None, progress: bool = True) -> EMState:
+        cfg, st = self.cfg, self.state
+        epochs = epochs or cfg.epochs
+        progress = progress and self.dist.is_main
+        resume(self)
+        self.before_fit()
+        while st.epoch < epochs and st.bad_epochs < cfg.patience:
+            t0 = time.perf_counter()
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.epoch)
+            nll_sum, tok_sum = self.train_epoch(g, epochs, progress)
+            self.m_step(g, iters=cfg.kmeans_iters if cfg.mode == "em" else 0)  # joint: refresh for reporting
+            st.epoch += 1
+            totals = self.dist.all_reduce(torch.tensor([nll_sum, tok_sum], dtype=torch.float64))
+            m = {"epoch": st.epoch, "train_nll": float(totals[0] / max(float(totals[1]), 1.0))}
+            m.update(self.evaluate())
+            m.update(self.code_stats())
+            m["wall_s"] = time.perf_counter() - t0
+            m["rss_mb"] = _rss_mb()
+            st.metrics.append(m)
+            # select on the selection half of the evaluation users (reported figures come from the other half)
+            score = m["select"]["heldout"]["own"] if "select" in m else m["heldout"]["own"] if "heldout" in m \
+                else m["train_nll"]  # no held-out users: train NLL
+            if score < st.best_nll - 1e-6:
+                st.best_nll, st.best_epoch, st.bad_epochs = score, st.epoch, 0
+                self.best = self._snapshot()
+            else:
+                st.bad_epochs += 1
+            if progress:
+                log.info(_epoch_line(m))
+                tqdm.write(_epoch_line(m))
+            save_checkpoint(self)
+        if self.best:
+            self._restore(self.best)
+        return st
+
+    # ------------------------------------------------------------------ what an inference mode provides
+    def train_epoch(self, g: torch.Generator, epochs: int, progress: bool) -> tuple[float, float]:
+        """One epoch of training; must leave every user's personal part in ``profiles.table`` (which the
+        M-step quantises and evaluation reads). Returns (train NLL sum, token count)."""
+        raise NotImplementedError
+
+    def infer(self, users: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """1-based codes [len(users), m] for users not in the fit (rows of this corpus), all else frozen."""
+        raise NotImplementedError
+
+    def before_fit(self) -> None:
+        """Called once after a resume, before the first epoch."""
+
+    def after_m_step(self) -> None:
+        """Called at the end of every M-step."""
+
+    def extra_checkpoint(self) -> dict[str, torch.Tensor]:
+        """Tensors an inference mode adds to each epoch checkpoint (its optimiser state)."""
+        return {}
+
+    def load_extra_checkpoint(self, t: dict[str, torch.Tensor]) -> None:
+        """Restore what ``extra_checkpoint`` saved."""
+
+    def output_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors an inference mode adds to profiles.safetensors (e.g. the amortised encoder's map)."""
+        return {}
+
+    # ------------------------------------------------------------------ M-step and codes
+    def code_targets(self, users: torch.Tensor) -> torch.Tensor:
+        """Each user's codeword mapped back to personal space: mu + s * c[z_u] -> [B, m, n, H]."""
+        st, prof = self.state, self.profiles
+        out = torch.zeros(len(users), prof.m, prof.n, prof.hidden)
+        for k, p in enumerate(self.cfg.profiles):
+            cb = st.codebooks[p.name].detach()
+            c = cb[(st.z[users, k] - 1).clamp(min=0)].view(len(users), p.n_tokens, prof.hidden)
+            out[:, k, : p.n_tokens] = st.mu[k, : p.n_tokens] + st.scale[k] * c
+        return out
+
+    def _personal_flat(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(this rank's normalised personal vectors [U_local, n*H], global centre [n, H], global RMS scale)."""
+        n_k = self.cfg.profiles[k].n_tokens
+        prof = self.profiles
+        centre = None if prof.residual else prof.population(self.pop_rows)
+        P = prof.personal(self.rows(self.users), centre)[:, k, :n_k].double()
+        count = torch.tensor([float(len(P))], dtype=torch.float64)
+        stats = self.dist.all_reduce(torch.cat([P.sum(0).flatten(), count]))
+        mu = (stats[:-1] / stats[-1]).view(n_k, -1)
+        sq = self.dist.all_reduce((P - mu).flatten(1).pow(2).sum().reshape(1))
+        scale = (sq / stats[-1]).sqrt()[0]
+        X = prepare_for_codes(P.flatten(1).float(), center=mu.flatten().float())
+        return X, mu.float(), scale.float()
+
+    @torch.no_grad()
+    def m_step(self, g: torch.Generator, iters: int) -> None:
+        """Closed-form codebook update from every user's personal part (sums and counts reduced over ranks)."""
+        st, prof = self.state, self.profiles
+        if st.z is None:
+            st.z = torch.zeros(self.corpus.n_users + 1, prof.m, dtype=torch.long)
+            st.mu = torch.zeros(prof.m, prof.n, prof.hidden)
+            st.scale = torch.zeros(prof.m)
+        for k, p in enumerate(self.cfg.profiles):
+            X, mu, scale = self._personal_flat(k)
+            st.mu[k, : p.n_tokens], st.scale[k] = mu, scale
+            cb = st.codebooks.get(p.name)
+            if cb is None:  # k-means++ on everyone's vectors, in global user order (the same on every rank)
+                parts = self.dist.gather((self.users, X))
+                all_u = torch.cat([u for u, _ in parts])
+                all_x = torch.cat([x for _, x in parts])[torch.argsort(all_u)]
+                cb = kmeans_pp_init(all_x, p.codebook_size, g)
+            if iters:  # joint mode (iters=0) keeps its codebook tensors: its optimiser holds them
+                cb = cb.detach().clone()
+                for _ in range(iters):
+                    idx, sqd = assign(X, cb)
+                    sums, counts = code_sums(X, idx, p.codebook_size)
+                    self.dist.all_reduce(sums)
+                    self.dist.all_reduce(counts)
+                    cb, dead = update_from_sums(cb, sums, counts)
+                    if bool(dead.any()):
+                        cb = self._reseed(cb, dead, X, sqd, g)
+            st.codebooks[p.name] = cb
+            idx, _ = assign(X, cb.detach())
+            z = torch.zeros(self.corpus.n_users + 1, dtype=torch.long)
+            z[self.users] = idx + 1
+            st.z[:, k] = self.dist.all_reduce(z)  # every rank holds every user's codes
+        if self.cfg.mode == "joint" and self.joint_opt is None:
+            # the same tensors are kept across epochs, so the optimiser state stays valid
+            leaves = [st.codebooks[p.name].requires_grad_(True) for p in self.cfg.profiles]
+            self.joint_opt = torch.optim.Adam(leaves, lr=self.cfg.lr_shared)
+
+    def _reseed(self, cb, dead, X, sqd, g):
+        """Dead codes take the globally worst-fitted users: each rank offers its own worst few."""
+        if self.dist.world == 1:
+            return reseed_dead(cb, dead, X, sqd, g)
+        n = int(dead.sum())
+        top = torch.argsort(sqd, descending=True, stable=True)[:n]
+        parts = self.dist.gather((self.users[top], X[top], sqd[top]))
+        u = torch.cat([p[0] for p in parts])
+        order = torch.argsort(u)
+        x_all, d_all = torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
+        return reseed_dead(cb, dead, x_all, d_all, g)
+
+    # ------------------------------------------------------------------ evaluation
+    def _pick_eval_users(self) -> torch.Tensor:
+        """This rank's evaluation users (a seeded subset when ``eval_users`` caps the total)."""
+        users = [u for u in sorted(self.corpus.heldout) if u in self.corpus.train]
+        cap = self.cfg.eval_users and max(1, self.cfg.eval_users // self.dist.world)
+        if cap and len(users) > cap:
+            g = torch.Generator().manual_seed(self.cfg.seed + 7)
+            pick = torch.randperm(len(users), generator=g)[:cap]
+            users = sorted(users[i] for i in pick.tolist())
+        return torch.tensor(users, dtype=torch.long)
+
+    def eval_variants(self, users: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Soft tokens [U, m, n, H] per evaluation variant: own, shuffled, mean, codeword, own_x{a}."""
+        prof, st = self.profiles, self.state
+        base = prof.base(self.pop_rows)
+        centre = None if prof.residual else prof.population(self.pop_rows)
+        personal = prof.personal(self.rows(users), centre)
+        perm = _derangement(len(users), torch.Generator().manual_seed(self.cfg.seed + 11)) if len(users) > 1 \
+            else torch.zeros(len(users), dtype=torch.long)
+        variants = {
+            "own": base + personal,
+            "shuffled": base + personal[perm],
+            "mean": (base + st.mu).expand_as(personal),
+            "codeword": base + self.code_targets(users),
+        }
+        for a in self.cfg.eval_scales:
+            variants[f"own_x{a:g}"] = base + st.mu + a * (personal - st.mu)
+        return variants
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out NLL of the evaluation users' first validation-period windows under each variant (see
+        userip.profile.evaluate), token-weighted and per user, with the selection/report halves, 95% bootstrap
+        intervals and the captured fraction of the in-context ceiling.
+
+        'mean' is the population prompt (base + the centre of everyone's personal part); 'shuffled' gives each
+        user another user's tokens (within a rank's shard when sharded).
+        """
+        from userip.profile import evaluate as ev
+
+        users = self.eval_users
+        st, cfg = self.state, self.cfg
+        n_eval = int(self.dist.all_reduce(torch.tensor([len(users)]))[0])
+        if n_eval < 2 or st.mu is None:
+            return {}
+        local = ev.score_variants(self.scorer, self.corpus, users.tolist(), self.eval_variants(users),
+                                  cfg.eval_windows, cfg.batch_users)
+        sums = ev.UserSums.concat(self.dist.gather(local))
+        ceiling = self.ceiling()
+        names = list(sums.nll)
+        tok = max(float(sums.tokens.sum()), 1.0)
+        heldout = {k: float(sums.nll[k].sum() / tok) for k in names}
+        per_user = {k: float(np.mean(sums.nll[k] / np.maximum(sums.tokens, 1))) for k in names}
+        out = {
+            "heldout": heldout,
+            "heldout_user": per_user,
+            "gap_own_vs_mean": heldout["mean"] - heldout["own"],
+            "gap_own_vs_mean_user": per_user["mean"] - per_user["own"],
+            "gap_own_vs_shuffled": heldout["shuffled"] - heldout["own"],
+            "gap_own_vs_shuffled_user": per_user["shuffled"] - per_user["own"],
+            "eval_users": n_eval,
+            "eval_tokens": int(sums.tokens.sum()),
+        }
+        out.update(ev.summarise(sums, cfg.seed, cfg.bootstrap, cfg.eval_scales, ceiling))
+        return out
+
+    def ceiling(self) -> Any:
+        """Per-user NLL sums of the in-context ceiling (computed once per fit: it does not depend on the
+        soft tokens); None when the corpus has no history contexts."""
+        from userip.profile import evaluate as ev
+
+        if getattr(self, "_ceiling", None) is not None or not self.corpus.context:
+            return getattr(self, "_ceiling", None)
+        users = self.eval_users.tolist()
+        # another user's history: a derangement over this rank's evaluation users, as 'shuffled' is
+        perm = _derangement(len(users), torch.Generator().manual_seed(self.cfg.seed + 13)).tolist() \
+            if len(users) > 1 else [0] * len(users)
+        local = ev.score_ceiling(self.llm, self.corpus, users, [users[i] for i in perm], self.cfg.eval_windows,
+                                 self.cfg.batch_users, self.cfg.ce_chunk)
+        self._ceiling = ev.UserSums.concat(self.dist.gather(local))
+        self.ceiling_metrics = ev.ceiling_summary(self._ceiling, self.cfg.seed, self.cfg.bootstrap)
+        return self._ceiling
+
+    def code_stats(self) -> dict[str, Any]:
+        from sklearn.metrics import normalized_mutual_info_score
+
+        st = self.state
+        if st.z is None:
+            return {}
+        act = self.corpus.activity[self.all_users.numpy()]
+        quart = np.searchsorted(np.quantile(act, [0.25, 0.5, 0.75]), act, side="right")
+        out = {}
+        for k, p in enumerate(self.cfg.profiles):
+            z = st.z[self.all_users, k] - 1
+            out[p.name] = {
+                "usage": usage(z, p.codebook_size).tolist(),
+                "perplexity": float(perplexity(z, p.codebook_size)),
+                "dead": int((usage(z, p.codebook_size) == 0).sum()),
+                "nmi_activity": float(normalized_mutual_info_score(quart, z.numpy())),
+            }
+        return {"codes": out}
+
+    # ------------------------------------------------------------------ state
+    def load_fitted(self, profiles_dir: str | Path) -> None:
+        """Load a fit's published state (shared prompt, codebooks, centre/scale, codes) for new-user inference."""
+        from userip.quantize import load_codebooks
+
+        profiles_dir = Path(profiles_dir)
+        t = load_file(str(profiles_dir / "profiles.safetensors"))
+        cbs = load_codebooks(profiles_dir / "codebooks.safetensors")
+        st = self.state
+        st.codebooks = {p.name: cbs[p.name].clone() for p in self.cfg.profiles}
+        st.mu, st.scale = t["code_center"].clone(), t["code_scale"].clone()
+        self.profiles.shared.copy_(t["shared"])
+        n_old = t["theta"].shape[0]
+        st.z = torch.zeros(self.corpus.n_users + 1, self.profiles.m, dtype=torch.long)
+        fitted = (t["theta"].flatten(1).abs().sum(1) > 0).nonzero().flatten()
+        if self.profiles.residual:
+            self.pop_rows = torch.zeros(0, dtype=torch.long)
+        else:  # the plain table's population prompt is the fitted users' mean theta
+            self.profiles.table[self.rows(fitted)] = t["theta"][fitted]
+            self.pop_rows = self.rows(fitted)
+        if n_old > self.corpus.n_users + 1:
+            raise ValueError("the fitted table is larger than this corpus")
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        st = self.state
+        snap = {f"profiles.{k}": v for k, v in self.profiles.state_dict().items()}
+        snap.update({f"codebook.{k}": v.detach().clone() for k, v in st.codebooks.items()})
+        if st.z is not None:
+            snap.update({"z": st.z.clone(), "mu": st.mu.clone(), "scale": st.scale.clone()})
+        return snap
+
+    def _restore(self, snap: dict[str, torch.Tensor]) -> None:
+        st = self.state
+        self.profiles.load_state_dict({"shared": snap["profiles.shared"], "table": snap["profiles.table"]})
+        for p in self.cfg.profiles:
+            if f"codebook.{p.name}" in snap:
+                st.codebooks[p.name] = snap[f"codebook.{p.name}"].clone()
+        if "z" in snap:
+            st.z, st.mu, st.scale = snap["z"].clone(), snap["mu"].clone(), snap["scale"].clone()
+
+    # ------------------------------------------------------------------ results
+    def assignments(self) -> torch.Tensor:
+        """1-based code per fitted user and profile [U+1, m] (0 for users not fitted)."""
+        assert self.state.z is not None
+        return self.state.z.clone()
+
+    def theta_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(theta, personal) per user index [U+1, m, n, H], every rank's users; rows of users not fitted are 0."""
+        prof = self.profiles
+        n_rows = self.corpus.n_users + 1
+        centre = None if prof.residual else prof.population(self.pop_rows)
+        r = self.rows(self.users)
+        personal = torch.zeros(n_rows, prof.m, prof.n, prof.hidden)
+        personal[self.users] = prof.personal(r, centre)
+        theta = torch.zeros_like(personal)
+        theta[self.users] = prof.base(self.pop_rows) + personal[self.users]
+        self.dist.all_reduce(personal)
+        self.dist.all_reduce(theta)
+        return theta.contiguous(), personal.contiguous()
+
+
+def _derangement(n: int, g: torch.Generator) -> torch.Tensor:
+    """A random permutation with no fixed point (a user never gets their own tokens as 'shuffled')."""
+    perm = torch.randperm(n, generator=g)
+    return torch.roll(perm, 1)[torch.argsort(perm)]
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _epoch_line(m: dict[str, Any]) -> str:
+    h = m.get("heldout", {})
+    parts = [f"epoch {m['epoch']}", f"train {m['train_nll']:.4f}"]
+    if h:
+        parts.append("held-out own {own:.4f} shuffled {shuffled:.4f} mean {mean:.4f}".format(**h))
+        if "codeword" in h:
+            parts.append(f"codeword {h['codeword']:.4f}")
+        g = m.get("report", {}).get("gaps", {}).get("own_vs_mean", {})
+        if "lo" in g:
+            parts.append(f"own-vs-mean (report half) {g['token']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}]")
+        else:
+            parts.append(f"gap own-vs-mean {m['gap_own_vs_mean']:+.4f} (per user {m['gap_own_vs_mean_user']:+.4f})")
+        if m.get("captured") is not None:
+            parts.append(f"captured {m['captured']:.0%} (scaled x{m['personal_scale']:g}: "
+                         f"{m['captured_calibrated']:.0%})")
+    for name, c in m.get("codes", {}).items():
+        parts.append(f"{name} ppl {c['perplexity']:.2f} nmi-act {c['nmi_activity']:.2f}")
+    return " | ".join(parts)
