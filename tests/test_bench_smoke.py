@@ -22,6 +22,7 @@ EXPECTED = {
                "lookup_users_per_s_batch512", "llm_median_s_per_user", "ratio_llm_vs_lookup"],
     "scaling": ["max_peak_rss_mb", "wall_s"],
     "run_budget": ["quick_wall_s", "quick_peak_rss_mb"],
+    "profile_infer": ["ms_per_user", "model_load_s", "users"],
 }
 
 

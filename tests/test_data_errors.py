@@ -132,7 +132,7 @@ def test_label_column_must_be_binary(tmp_path: Path, data_cache: Path) -> None:
         ({"dataset": "ml-20m"}, "unknown dataset 'ml-20m'"),
         ({"bins": {"age": [30, 20]}}, "bins.age: expected a non-empty increasing list"),
         ({"columns": {"interactions": {"rating": None}}}, "need a 'rating' or a 'label' column"),
-        ({"windows": {"max_items": 0}}, "windows.max_items"),
+        ({"windows": {"max_items": 0}}, "data.windows was removed .*profile.behaviour"),
         ({"split": 3}, "split: expected a mapping"),
     ],
 )

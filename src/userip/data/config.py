@@ -79,15 +79,6 @@ class SplitConfig:
 
 
 @dataclass
-class WindowConfig:
-    """Defaults for the behaviour-text windows the profile stage feeds to the LLM."""
-
-    max_items: int = 16
-    max_tokens: int | None = None
-    mode: str = "sequence"
-
-
-@dataclass
 class DataConfig:
     """Everything the data stage needs besides the input files.
 
@@ -109,7 +100,6 @@ class DataConfig:
     side_features: list[str] | None = None
     bins: dict[str, list[float]] = field(default_factory=dict)
     history_len: int = 20
-    windows: WindowConfig = field(default_factory=WindowConfig)
     verify_checksums: bool = True  # ML-100K: refuse files whose sha256 differs from the known release
     interactions: str | None = None
     items: str | None = None
@@ -221,13 +211,6 @@ class DataConfig:
             or self.history_len < 0
         ):
             raise ConfigError(f"history_len: expected an integer >= 0, got {self.history_len!r}")
-        w = self.windows
-        if not isinstance(w.max_items, int) or isinstance(w.max_items, bool) or w.max_items < 1:
-            raise ConfigError(f"windows.max_items: expected an integer >= 1, got {w.max_items!r}")
-        if w.max_tokens is not None and (not isinstance(w.max_tokens, int) or w.max_tokens < 1):
-            raise ConfigError(f"windows.max_tokens: expected an integer >= 1 or null, got {w.max_tokens!r}")
-        if w.mode not in ("sequence", "review"):
-            raise ConfigError(f"windows.mode: expected 'sequence' or 'review', got {w.mode!r}")
         if self.side_features is not None and (
             not isinstance(self.side_features, list)
             or not all(isinstance(x, str) for x in self.side_features)
@@ -274,6 +257,9 @@ def _merge(base: dict[str, Any], d: dict[str, Any], cls: type, where: str) -> di
     out = dict(base)
     for key, value in d.items():
         name = f"{where}.{key}" if where else key
+        if cls is DataConfig and key == "windows":
+            raise ConfigError("data.windows was removed (it was never read): behaviour text is set in the profile "
+                              "section (profile.behaviour, profile.title_year, profile.max_items, profile.max_tokens)")
         if key not in fields:
             raise ConfigError(f"unknown config key '{name}'; allowed here: {', '.join(fields)}")
         sub = _nested_type(cls, key)
@@ -312,7 +298,6 @@ _NESTED.update(
     {
         (DataConfig, "columns"): Columns,
         (DataConfig, "split"): SplitConfig,
-        (DataConfig, "windows"): WindowConfig,
         (Columns, "interactions"): InteractionColumns,
         (Columns, "items"): ItemColumns,
         (Columns, "users"): UserColumns,

@@ -423,7 +423,9 @@ def load_prepared(path: PathLike) -> PreparedData:
         raise InputError(path, f"cannot read prepared tables ({type(e).__name__}: {e})") from None
     items["genres"] = [[str(g) for g in gs] if gs is not None else [] for gs in items["genres"]]
     inter["split"] = inter["split"].astype(object)
-    cfg = DataConfig.from_dict(read_yaml(path / "config.yaml"), base=DataConfig())
+    saved = read_yaml(path / "config.yaml") or {}
+    saved.pop("windows", None)  # written by userip < 0.2, never read
+    cfg = DataConfig.from_dict(saved, base=DataConfig())
     data = PreparedData(
         inter, items, users, read_json(path / "stats.json"), cfg, read_json(path / "id_maps.json"), path
     )

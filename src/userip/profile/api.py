@@ -79,12 +79,15 @@ def lead_in(template: str) -> str:
     return tail.lstrip(" .").strip()
 
 
-def make_fitter(llm, cfg: ProfileConfig, corpus: Corpus, out: Path | None, progress: bool = False) -> Fitter:
+def make_fitter(llm, cfg: ProfileConfig, corpus: Corpus, out: Path | None, progress: bool = False,
+                pooled_cache: bool = True) -> Fitter:
     """The fitter of ``cfg.inference``: per-user EM or the amortised history map."""
     if cfg.inference == "amortised":
         from userip.profile.amortised import AmortisedFitter
+        from userip.profile.pooled import PooledStates
 
-        return AmortisedFitter(llm, cfg, corpus, out, progress=progress)
+        states = PooledStates(llm, cfg.pool, cfg.pool_batch, cache="default" if pooled_cache else None)
+        return AmortisedFitter(llm, cfg, corpus, out, states=states, progress=progress)
     return ProfileFitter(llm, cfg, corpus, out)
 
 
@@ -115,7 +118,7 @@ def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2
     metrics = {
         "epochs": state.metrics,
         "best_epoch": state.best_epoch,
-        "final": state.metrics[state.best_epoch - 1] if state.best_epoch else (state.metrics or [{}])[-1],
+        "final": state.final or (state.metrics or [{}])[-1],
         "n_users": len(fitter.all_users),
         "inference": cfg.inference,
         "ceiling": getattr(fitter, "ceiling_metrics", None),
@@ -165,13 +168,15 @@ def write_outputs(out: Path, fitter: Fitter, data, cfg: ProfileConfig, model_nam
     write_json(out / "metrics.json", metrics)
 
 
-def infer_profiles(profiles_dir: str | Path, data_dir: str | Path, user_ids: list[str], *, llm=None,
-                   bank: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+def infer_profiles(profiles_dir: str | Path, data_dir: str | Path | Any, user_ids: list[str], *, llm=None,
+                   bank: str | Path | None = None, progress: bool = True, pooled_cache: bool = True) -> pd.DataFrame:
     """IDs for users not in the fit, with the LLM, shared prompt and codebooks frozen (no retraining).
 
-    ``data_dir`` holds the users' behaviour (the fit's data or a newer export); each new user's soft tokens
-    are fitted on their train-split windows with the training budget. With ``bank``, the IDs are upserted
-    (an atomic rebuild: readers see the old bank or the new one). Returns user_id + one column per profile.
+    ``data_dir`` (a DATA dir or a loaded PreparedData) holds the users' behaviour (the fit's data or a newer
+    export). Amortised fits read each user's train windows in one no-grad pass of the LLM (no gradient step;
+    ``pooled_cache=False`` recomputes states the cache already holds); EM fits fit each new user's residual with
+    the training budget. With ``bank``, the IDs are upserted (an atomic rebuild: readers see the old bank or the
+    new one). Returns user_id + one column per profile; ``attrs["seconds_per_user"]`` excludes the model load.
     """
     from userip.data import load_prepared
     from userip.llm import load_llm
@@ -179,14 +184,19 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path, user_ids: lis
     profiles_dir = Path(profiles_dir)
     conf = read_yaml(profiles_dir / "config.yaml")
     cfg = ProfileConfig.from_dict(conf["profile"])
-    t0 = time.perf_counter()
-    data = load_prepared(data_dir)
+    data = load_prepared(data_dir) if isinstance(data_dir, (str, Path)) else data_dir
     idx = data.user_index([str(u) for u in user_ids])
     missing = [u for u, i in zip(user_ids, idx, strict=True) if i == 0]
     if missing:
         raise UseripError(f"{data_dir}: unknown user ids {missing[:10]} (expected ids present in users/interactions)")
+    t_load = time.perf_counter()
     llm = llm or load_llm(conf["model"], dtype=cfg.dtype, device=cfg.device)
-    full = build_corpus(data, llm.tokenizer, cfg.replace(max_users=0))
+    t0 = time.perf_counter()
+    import dataclasses
+
+    inter = data.interactions  # only these users' behaviour is rendered
+    mine = dataclasses.replace(data, interactions=inter[inter["user_idx"].isin(idx.tolist())])
+    full = build_corpus(mine, llm.tokenizer, cfg.replace(max_users=0))
     fitted = read_ids(profiles_dir)
     n_old = int(fitted["user_idx"].max()) if len(fitted) else 0
     train, rows = {}, []
@@ -197,7 +207,7 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path, user_ids: lis
         train[row] = full.train[u]
         rows.append(row)
     corpus = Corpus(train, {}, n_old + len(rows), np.zeros(n_old + len(rows) + 1, dtype=np.int64))
-    fitter = make_fitter(llm, cfg, corpus, None)
+    fitter = make_fitter(llm, cfg, corpus, None, pooled_cache=pooled_cache)
     fitter.load_fitted(profiles_dir)
     z = fitter.infer(torch.tensor(rows), progress=progress)
     out = pd.DataFrame({"user_id": [str(u) for u in user_ids]})
@@ -205,6 +215,7 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path, user_ids: lis
         out[p.name] = z[:, k].numpy().astype(np.int64)
     seconds = time.perf_counter() - t0
     out.attrs["seconds_per_user"] = seconds / max(len(user_ids), 1)
+    out.attrs["load_seconds"] = t0 - t_load
     if bank is not None:
         from userip.bank import open_bank
 

@@ -82,7 +82,10 @@ class ProfileConfig:
     pool_batch: int = 32  # windows per no-grad forward when pooling history states
     # evaluation / stopping
     eval_users: int = 0  # 0 = every user with validation windows
-    eval_windows: int = 2  # held-out windows per evaluation user (the first ones of the validation period)
+    eval_windows: int = 1  # held-out windows per evaluation user (the first ones of the validation period)
+    # each epoch: select (the selection half, own/mean/scaled own: picks the best epoch; the full evaluation
+    # runs once on the best) | full (every variant and the intervals every epoch)
+    eval_each_epoch: str = "select"
     eval_scales: list[float] = field(default_factory=lambda: [0.5])  # own with the personal part scaled
     ceiling_items: int = 24  # the in-context ceiling: the user's last N train interactions as plain text
     bootstrap: int = 1000  # resamples of the evaluation users for 95% intervals
@@ -109,7 +112,7 @@ class ProfileConfig:
         choices = {"mode": ("em", "joint"), "table": ("residual", "plain"), "init": ("text", "uniform"),
                    "mask": ("profile", "causal"), "behaviour": ("sequence", "rated", "review"),
                    "title_year": ("keep", "drop"), "inference": INFERENCE_MODES, "target": ("loo", "forecast"),
-                   "pool": ("mean", "last")}
+                   "pool": ("mean", "last"), "eval_each_epoch": ("select", "full")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UseripError(f"config.{key}: '{getattr(self, key)}' is not one of {', '.join(allowed)}")

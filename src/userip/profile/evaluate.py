@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from userip.profile.template import make_batch
 
@@ -91,13 +92,13 @@ def _items(corpus, users: list[int], cap: int) -> np.ndarray:
 
 @torch.no_grad()
 def score_variants(scorer, corpus, users: list[int], variants: dict[str, torch.Tensor], cap: int,
-                   batch_rows: int) -> UserSums:
+                   batch_rows: int, progress: bool = False) -> UserSums:
     """Held-out NLL sums per user under each variant's soft tokens (``variants[name]`` is [U, m, n, H])."""
     names = list(variants)
     out = _empty(users, names)
     out.items = _items(corpus, users, cap)
     per = max(1, batch_rows // len(names))
-    for s in range(0, len(users), per):
+    for s in tqdm(range(0, len(users), per), desc="held-out NLL", disable=not progress, leave=False):
         chunk = list(range(s, min(s + per, len(users))))
         rows, owner, marks = heldout_rows(corpus, [users[i] for i in chunk], cap)
         if not rows:
@@ -117,14 +118,15 @@ def score_variants(scorer, corpus, users: list[int], variants: dict[str, torch.T
 
 @torch.no_grad()
 def score_ceiling(llm, corpus, users: list[int], other: list[int], cap: int, batch_rows: int,
-                  ce_chunk: int = 1024) -> UserSums:
+                  ce_chunk: int = 1024, progress: bool = False) -> UserSums:
     """The same held-out target tokens after the user's own plain-text history vs ``other[i]``'s."""
     names = ["history_own", "history_other"]
     out = _empty(users, names)
     out.items = _items(corpus, users, cap)
     bos = [int(llm.tokenizer.bos_token_id)] if llm.tokenizer.bos_token_id is not None else []
     per = max(1, batch_rows // 2)
-    for s in range(0, len(users), per):
+    for s in tqdm(range(0, len(users), per), desc="ceiling (history in context)", disable=not progress,
+                  leave=False):
         chunk = list(range(s, min(s + per, len(users))))
         rows, owner, marks = heldout_rows(corpus, [users[i] for i in chunk], cap)
         if not rows:

@@ -54,6 +54,7 @@ class EMState:
     mu: torch.Tensor | None = None  # [m, n, H] centre of the personal part
     scale: torch.Tensor | None = None  # [m] RMS spread of the personal part (the prior's scale)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)  # the best epoch, fully evaluated (set by fit)
     best_epoch: int = 0
     best_nll: float = math.inf
     bad_epochs: int = 0
@@ -93,6 +94,7 @@ class Fitter:
         self.eval_users = self._pick_eval_users()
         self.pop_rows = self.rows(self.users)  # rows whose mean is the plain table's population prompt
         self.best: dict[str, torch.Tensor] = {}
+        self.progress = False
 
     def rows(self, users: torch.Tensor) -> torch.Tensor:
         return self.row_of[users]
@@ -102,6 +104,7 @@ class Fitter:
         cfg, st = self.cfg, self.state
         epochs = epochs or cfg.epochs
         progress = progress and self.dist.is_main
+        self.progress = progress
         resume(self)
         self.before_fit()
         while st.epoch < epochs and st.bad_epochs < cfg.patience:
@@ -112,7 +115,7 @@ class Fitter:
             st.epoch += 1
             totals = self.dist.all_reduce(torch.tensor([nll_sum, tok_sum], dtype=torch.float64))
             m = {"epoch": st.epoch, "train_nll": float(totals[0] / max(float(totals[1]), 1.0))}
-            m.update(self.evaluate())
+            m.update(self.evaluate(full=cfg.eval_each_epoch == "full"))
             m.update(self.code_stats())
             m["wall_s"] = time.perf_counter() - t0
             m["rss_mb"] = _rss_mb()
@@ -131,6 +134,11 @@ class Fitter:
             save_checkpoint(self)
         if self.best:
             self._restore(self.best)
+        if st.metrics:  # the reported evaluation: every variant, the report half, the ceiling, at the best epoch
+            best = st.metrics[st.best_epoch - 1] if st.best_epoch else st.metrics[-1]
+            st.final = {**best, **(self.evaluate(full=True) if cfg.eval_each_epoch != "full" else {})}
+            if progress:
+                tqdm.write("best epoch, full evaluation: " + _epoch_line(st.final))
         return st
 
     # ------------------------------------------------------------------ what an inference mode provides
@@ -263,26 +271,39 @@ class Fitter:
             variants[f"own_x{a:g}"] = base + st.mu + a * (personal - st.mu)
         return variants
 
+    def select_users(self) -> torch.Tensor:
+        """This rank's evaluation users that fall in the (global) selection half."""
+        from userip.profile import evaluate as ev
+
+        everyone = np.array(sorted(u for part in self.dist.gather(self.eval_users.tolist()) for u in part))
+        select, _ = ev.halves(everyone, self.cfg.seed)
+        chosen = set(everyone[select].tolist())
+        return torch.tensor([u for u in self.eval_users.tolist() if u in chosen], dtype=torch.long)
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, full: bool = True) -> dict[str, Any]:
         """Held-out NLL of the evaluation users' first validation-period windows under each variant (see
         userip.profile.evaluate), token-weighted and per user, with the selection/report halves, 95% bootstrap
         intervals and the captured fraction of the in-context ceiling.
 
+        ``full=False`` (the per-epoch check of ``eval_each_epoch: select``) scores only the selection half with
+        own, mean and the scaled own: what choosing the best epoch needs, at a fraction of the cost.
         'mean' is the population prompt (base + the centre of everyone's personal part); 'shuffled' gives each
         user another user's tokens (within a rank's shard when sharded).
         """
         from userip.profile import evaluate as ev
 
-        users = self.eval_users
         st, cfg = self.state, self.cfg
+        users = self.eval_users if full else self.select_users()
         n_eval = int(self.dist.all_reduce(torch.tensor([len(users)]))[0])
-        if n_eval < 2 or st.mu is None:
+        if n_eval < (2 if full else 1) or st.mu is None:
             return {}
-        local = ev.score_variants(self.scorer, self.corpus, users.tolist(), self.eval_variants(users),
-                                  cfg.eval_windows, cfg.batch_users)
+        variants = self.eval_variants(users)
+        if not full:
+            variants = {k: v for k, v in variants.items() if k in ("own", "mean") or k.startswith("own_x")}
+        local = ev.score_variants(self.scorer, self.corpus, users.tolist(), variants, cfg.eval_windows,
+                                  cfg.batch_users, self.progress)
         sums = ev.UserSums.concat(self.dist.gather(local))
-        ceiling = self.ceiling()
         names = list(sums.nll)
         tok = max(float(sums.tokens.sum()), 1.0)
         heldout = {k: float(sums.nll[k].sum() / tok) for k in names}
@@ -292,12 +313,15 @@ class Fitter:
             "heldout_user": per_user,
             "gap_own_vs_mean": heldout["mean"] - heldout["own"],
             "gap_own_vs_mean_user": per_user["mean"] - per_user["own"],
-            "gap_own_vs_shuffled": heldout["shuffled"] - heldout["own"],
-            "gap_own_vs_shuffled_user": per_user["shuffled"] - per_user["own"],
             "eval_users": n_eval,
             "eval_tokens": int(sums.tokens.sum()),
         }
-        out.update(ev.summarise(sums, cfg.seed, cfg.bootstrap, cfg.eval_scales, ceiling))
+        if not full:
+            out["select"] = {"users": n_eval, "heldout": heldout}
+            return out
+        out["gap_own_vs_shuffled"] = heldout["shuffled"] - heldout["own"]
+        out["gap_own_vs_shuffled_user"] = per_user["shuffled"] - per_user["own"]
+        out.update(ev.summarise(sums, cfg.seed, cfg.bootstrap, cfg.eval_scales, self.ceiling()))
         return out
 
     def ceiling(self) -> Any:
@@ -312,7 +336,7 @@ class Fitter:
         perm = _derangement(len(users), torch.Generator().manual_seed(self.cfg.seed + 13)).tolist() \
             if len(users) > 1 else [0] * len(users)
         local = ev.score_ceiling(self.llm, self.corpus, users, [users[i] for i in perm], self.cfg.eval_windows,
-                                 self.cfg.batch_users, self.cfg.ce_chunk)
+                                 self.cfg.batch_users, self.cfg.ce_chunk, self.progress)
         self._ceiling = ev.UserSums.concat(self.dist.gather(local))
         self.ceiling_metrics = ev.ceiling_summary(self._ceiling, self.cfg.seed, self.cfg.bootstrap)
         return self._ceiling
@@ -413,9 +437,8 @@ def _epoch_line(m: dict[str, Any]) -> str:
     h = m.get("heldout", {})
     parts = [f"epoch {m['epoch']}", f"train {m['train_nll']:.4f}"]
     if h:
-        parts.append("held-out own {own:.4f} shuffled {shuffled:.4f} mean {mean:.4f}".format(**h))
-        if "codeword" in h:
-            parts.append(f"codeword {h['codeword']:.4f}")
+        half = "" if "report" in m else " (selection half)"
+        parts.append(f"held-out{half} " + " ".join(f"{k} {v:.4f}" for k, v in h.items()))
         g = m.get("report", {}).get("gaps", {}).get("own_vs_mean", {})
         if "lo" in g:
             parts.append(f"own-vs-mean (report half) {g['token']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}]")

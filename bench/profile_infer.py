@@ -1,0 +1,150 @@
+"""New-user profile IDs: cost per user, cost of one more interaction, and stability from half the history.
+
+    python bench/profile_infer.py --profiles PROFILES --data DATA      # a fitted PROFILES dir (amortised or em)
+    python bench/profile_infer.py --smoke                              # a tiny fit on the taste world, seconds
+
+1. Cost: ``infer_profiles`` on a batch of ``--users`` fitted users with the pooled-state cache off (so every
+   history is read by the LLM), seconds per user after the model load.
+2. One more interaction: the encoder's no-grad pass over one window with and without one more item, per item
+   (amortised fits; the per-user EM refits instead).
+3. Stability: the same users re-inferred from only the first half of their train history (everything after
+   it removed), vs their fitted IDs: agreement and Cohen's kappa per profile, and the codes in use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import log, machine_info, out_path, temp_dir, write_result, write_world  # noqa: E402
+
+NAME = "profile_infer"
+
+
+def first_half(data, user_idx: list[int]):
+    """The data with each of ``user_idx``'s train interactions after the first half (in time) removed."""
+    inter = data.interactions
+    train = inter[(inter["split"] == "train") & inter["user_idx"].isin(user_idx)]
+    rank = train.groupby("user_idx").cumcount()
+    size = train.groupby("user_idx")["item_idx"].transform("size")
+    drop = train.index[rank >= np.ceil(size / 2)]
+    return dataclasses.replace(data, interactions=inter.drop(index=drop))
+
+
+def one_more_item_seconds(llm, cfg, data, user: int, reps: int = 5) -> dict[str, float]:
+    """Seconds of the encoder's pass over a user's last window, with and without one more rated item."""
+    import torch
+
+    from userip.data import behaviour_windows
+    from userip.profile.pooled import pool_windows
+    from userip.profile.template import encode_behaviour
+
+    wins = behaviour_windows(data, "train", max_items=cfg.max_items, mode=cfg.behaviour, title_year=cfg.title_year)
+    text = wins[user][-1]
+    shorter = "; ".join(text.split("; ")[:-1]) or text
+    out = {}
+    for name, t in (("window", shorter), ("window_plus_one", text)):
+        ids = encode_behaviour(llm.tokenizer, t, 10_000)
+        pool_windows(llm, [ids])  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                pool_windows(llm, [ids])
+            times.append(time.perf_counter() - t0)
+        out[name] = float(np.median(times))
+        out[name + "_tokens"] = len(ids)
+    out["one_more_item_s"] = out["window_plus_one"] - out["window"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profiles")
+    p.add_argument("--data")
+    p.add_argument("--users", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out")
+    a = p.parse_args()
+
+    from sklearn.metrics import cohen_kappa_score
+
+    from userip.data import load_prepared
+    from userip.io import read_yaml
+    from userip.llm import load_llm, tiny_llm
+    from userip.profile import ProfileConfig, fit_profiles, infer_profiles, read_ids
+
+    if a.smoke:
+        from userip.data import prepare
+
+        d = temp_dir("infer")
+        import os
+
+        os.environ["USERIP_CACHE_DIR"] = str(d / "cache")  # the pooled-state cache of this throwaway fit
+        world = write_world(d / "world", n_users=40)
+        prepare(d / "data", interactions=world / "inter.csv", items=world / "items.csv")
+        llm = tiny_llm()
+        fit_profiles(d / "data", d / "prof", llm=llm, progress=False, inference="amortised", epochs=2,
+                     batch_users=8, rank=4, eval_users=16, bootstrap=100)
+        a.profiles, a.data, a.users = str(d / "prof"), str(d / "data"), 20
+    else:
+        if not (a.profiles and a.data):
+            p.error("--profiles and --data are required (or --smoke)")
+        llm = None
+    conf = read_yaml(Path(a.profiles) / "config.yaml")
+    cfg = ProfileConfig.from_dict(conf["profile"])
+    data = load_prepared(a.data)
+    fitted = read_ids(a.profiles)
+    rng = np.random.default_rng(a.seed)
+    pick = fitted.iloc[np.sort(rng.choice(len(fitted), min(a.users, len(fitted)), replace=False))]
+    users = pick["user_id"].astype(str).tolist()
+    t0 = time.perf_counter()
+    llm = llm or load_llm(conf["model"], dtype=cfg.dtype, device=cfg.device)
+    load_s = time.perf_counter() - t0
+    log(f"model loaded in {load_s:.1f}s; inferring {len(users)} users (cache off)")
+    full = infer_profiles(a.profiles, data, users, llm=llm, progress=False, pooled_cache=False)
+    log(f"{full.attrs['seconds_per_user'] * 1000:.0f} ms per user")
+    half = infer_profiles(a.profiles, first_half(data, pick["user_idx"].tolist()), users, llm=llm, progress=False,
+                          pooled_cache=False)
+    stability = {}
+    for prof in cfg.profiles:
+        f, h = pick[prof.name].to_numpy(), half[prof.name].to_numpy()
+        stability[prof.name] = {
+            "agreement": float((f == h).mean()),
+            "kappa": float(cohen_kappa_score(f, h)),
+            "codes_used_fitted": int(len(set(f.tolist()))),
+            "codes_used_half": int(len(set(h.tolist()))),
+            "codebook_size": prof.codebook_size,
+            "same_as_full_history": float((full[prof.name].to_numpy() == f).mean()),
+        }
+    extra = {}
+    if cfg.inference == "amortised":
+        extra = one_more_item_seconds(llm, cfg, data, int(pick["user_idx"].iloc[0]))
+    res = {
+        "machine": machine_info(),
+        "profiles": str(a.profiles),
+        "inference": cfg.inference,
+        "users": len(users),
+        "model_load_s": load_s,
+        "ms_per_user": full.attrs["seconds_per_user"] * 1000,
+        "ms_per_user_half_history": half.attrs["seconds_per_user"] * 1000,
+        "history_windows": cfg.history_windows,
+        "stability_first_half": stability,
+        **extra,
+    }
+    path = write_result(out_path(NAME, a.out), res)
+    kap = " ".join(f"{k} kappa {v['kappa']:.2f}" for k, v in stability.items())
+    print(f"{NAME}: {res['ms_per_user']:.0f} ms/user ({len(users)} users, {res['machine'].get('cpu', '')}); "
+          f"first-half history: {kap} -> {path}")
+
+
+if __name__ == "__main__":
+    main()
