@@ -86,7 +86,7 @@ class ProfileConfig:
     # each epoch: select (the selection half, own/mean/scaled own: picks the best epoch; the full evaluation
     # runs once on the best) | full (every variant and the intervals every epoch)
     eval_each_epoch: str = "select"
-    eval_scales: list[float] = field(default_factory=lambda: [0.5])  # own with the personal part scaled
+    eval_scales: list[float] = field(default_factory=lambda: [0.5, 0.25])  # own, personal part scaled
     ceiling_items: int = 24  # the in-context ceiling: the user's last N train interactions as plain text
     bootstrap: int = 1000  # resamples of the evaluation users for 95% intervals
     patience: int = 2

@@ -357,6 +357,10 @@ class Fitter:
                 "perplexity": float(perplexity(z, p.codebook_size)),
                 "dead": int((usage(z, p.codebook_size) == 0).sum()),
                 "nmi_activity": float(normalized_mutual_info_score(quart, z.numpy())),
+                # diagnostics: how far users sit from the population prompt (RMS over users of the L2 norm),
+                # next to the prompt's own norm
+                "personal_norm": float(st.scale[k]) if st.scale is not None else None,
+                "base_norm": float(self.profiles.base(self.pop_rows)[k, : p.n_tokens].norm(dim=-1).mean()),
             }
         return {"codes": out}
 
