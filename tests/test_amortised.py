@@ -198,3 +198,34 @@ def test_bootstrap_interval_and_verdict_follow_the_data():
     assert pos["item"] == pytest.approx(pos["token"] * 5, rel=1e-9)
     sel, rep = ev.halves(np.arange(n), 0)
     assert sel.sum() == rep.sum() == n // 2 and not (sel & rep).any()
+
+
+def test_cross_fitting_never_trains_a_users_own_map_on_them(llm, tmp_path):
+    corpus = planted(llm.tokenizer, n_users=16)
+    f = AmortisedFitter(llm, cfg(cross_fit=2), corpus, None, states=PooledStates(llm, cache=tmp_path / "c"))
+    assert len(f.maps) == 2 and set(f.fold[f.users].tolist()) == {0, 1}
+    fold0 = [u for u in f.users.tolist() if int(f.fold[u]) == 0]
+    before = [p.detach().clone() for p in f.maps.parameters()]
+    seen = []
+    f._targets = lambda users, g: seen.extend(users) or [0] * len(users)
+    f.users = torch.tensor(fold0)  # one epoch over fold-0 users only
+    f.train_epoch(torch.Generator().manual_seed(0), 1, False)
+    after = list(f.maps.parameters())
+    n0 = len(list(f.maps[0].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before[:n0], after[:n0], strict=True)), "map 0 must not move"
+    assert any(not torch.equal(a, b) for a, b in zip(before[n0:], after[n0:], strict=True)), "map 1 must learn"
+    # profiles are read by the user's own fold's map; a new user gets the average of the maps
+    z = f.features(fold0[:2])
+    assert torch.allclose(f.profiles.table[fold0[:2]], f.maps[0](z))
+    assert torch.allclose(f.personal(z, None), (f.maps[0](z) + f.maps[1](z)) / 2)
+
+
+def test_unseen_eval_users_are_never_trained_on(llm, tmp_path):
+    corpus = planted(llm.tokenizer, n_users=16)
+    f = AmortisedFitter(llm, cfg(unseen_eval_users=True, eval_users=6), corpus, None,
+                        states=PooledStates(llm, cache=tmp_path / "c"))
+    seen = []
+    orig = f._targets
+    f._targets = lambda users, g: seen.extend(users) or orig(users, g)
+    f.train_epoch(torch.Generator().manual_seed(0), 1, False)
+    assert len(f.eval_users) == 6 and seen and not set(seen) & set(f.eval_users.tolist())

@@ -74,11 +74,42 @@ class AmortisedFitter(Fitter):
         self.h_mean = means.mean(0)
         self.h_std = means.std(0).clamp(min=1e-6) if len(means) > 1 else torch.ones_like(self.h_mean)
         g = torch.Generator().manual_seed(cfg.seed + 5)
-        self.map = HistoryMap(cfg, llm.hidden_size, g)
+        # cross-fitting: K maps, map k trained on the users outside fold k, a user's profile read by the map of
+        # their own fold, which never trained on them (so no user's profile is memorised from their own items)
+        self.maps = torch.nn.ModuleList([HistoryMap(cfg, llm.hidden_size, g) for _ in range(max(1, cfg.cross_fit))])
+        self.fold = torch.zeros(corpus.n_users + 1, dtype=torch.long)
+        if len(self.maps) > 1:
+            perm = torch.randperm(len(self.users), generator=torch.Generator().manual_seed(cfg.seed + 17))
+            self.fold[self.users[perm]] = torch.arange(len(self.users)) % len(self.maps)
         self.shared_param = torch.nn.Parameter(self.profiles.shared)  # shares storage with profiles.shared
         self.opt = torch.optim.Adam([{"params": [self.shared_param], "lr": cfg.lr_shared},
-                                     {"params": list(self.map.parameters()), "lr": cfg.lr_map}])
+                                     {"params": list(self.maps.parameters()), "lr": cfg.lr_map}])
         self.profiles.table.zero_()
+
+    @property
+    def map(self) -> HistoryMap:
+        return self.maps[0]
+
+    def personal(self, z: torch.Tensor, maps: torch.Tensor | None) -> torch.Tensor:
+        """Personal parts [B, m, n, H] of rows ``z`` by map ``maps[i]`` each (None: the average of the maps,
+        for users outside every fold)."""
+        if maps is None:
+            return torch.stack([m(z) for m in self.maps]).mean(0)
+        out = None
+        for k in maps.unique().tolist():
+            rows = (maps == k).nonzero().flatten()
+            part = self.maps[k](z[rows])
+            out = part.new_zeros(len(z), *part.shape[1:]) if out is None else out
+            out = out.index_copy(0, rows, part)
+        return out
+
+    def _train_maps(self, users: list[int], g: torch.Generator) -> torch.Tensor:
+        """Which map a training row updates: one that does not read the user's own fold."""
+        K = len(self.maps)
+        if K == 1:
+            return torch.zeros(len(users), dtype=torch.long)
+        shift = 1 + torch.randint(K - 1, (len(users),), generator=g)
+        return (self.fold[torch.tensor(users)] + shift) % K
 
     # ------------------------------------------------------------------ features
     def standardise(self, h: torch.Tensor) -> torch.Tensor:
@@ -112,7 +143,10 @@ class AmortisedFitter(Fitter):
     # ------------------------------------------------------------------ training
     def train_epoch(self, g: torch.Generator, epochs: int, progress: bool) -> tuple[float, float]:
         cfg = self.cfg
-        order = self.users[torch.randperm(len(self.users), generator=g)].tolist()
+        train = self.users
+        if cfg.unseen_eval_users:  # the map and prompt never train on the evaluation users' windows
+            train = train[~torch.isin(train, self.eval_users)]
+        order = train[torch.randperm(len(train), generator=g)].tolist()
         B = cfg.batch_users
         batches = [order[s : s + B] for s in range(0, len(order), B)]
         steps = cfg.steps_per_epoch or len(batches)
@@ -122,11 +156,12 @@ class AmortisedFitter(Fitter):
             users = batches[b % len(batches)]
             target = self._targets(users, g)
             z = self.features(users, target)
+            which = self._train_maps(users, g)
             rows = [self.windows[u][t] for u, t in zip(users, target, strict=True)]
             self.opt.zero_grad(set_to_none=True)
             mb = cfg.micro_batch or len(users)
             for s in range(0, len(users), mb):
-                theta = self.shared_param + self.map(z[s : s + mb])
+                theta = self.shared_param + self.personal(z[s : s + mb], which[s : s + mb])
                 sums, counts = self.scorer.row_nll(theta, make_batch(rows[s : s + mb]))
                 ((sums / counts).sum() / len(users)).backward()
                 nll_sum += float(sums.detach().sum())
@@ -139,21 +174,23 @@ class AmortisedFitter(Fitter):
         return nll_sum, tok_sum
 
     @torch.no_grad()
-    def materialise(self, users: torch.Tensor) -> None:
-        """Write ``users``' personal parts (map of their full history) into the residual table."""
+    def materialise(self, users: torch.Tensor, new: bool = False) -> None:
+        """Write ``users``' personal parts (their full history, read by their fold's map; ``new`` users by the
+        average of the maps) into the residual table."""
         for s in range(0, len(users), 1024):
             chunk = users[s : s + 1024]
-            self.profiles.table[self.rows(chunk)] = self.map(self.features(chunk.tolist()))
+            maps = None if new else self.fold[chunk]
+            self.profiles.table[self.rows(chunk)] = self.personal(self.features(chunk.tolist()), maps)
 
     # ------------------------------------------------------------------ state
     def map_state(self) -> dict[str, torch.Tensor]:
         """The trained encoder: map weights and the history standardisation (saved with the profiles)."""
-        out = {f"map.{k}": v.detach().clone() for k, v in self.map.state_dict().items()}
+        out = {f"map.{k}": v.detach().clone() for k, v in self.maps.state_dict().items()}
         out.update({"map.h_mean": self.h_mean.clone(), "map.h_std": self.h_std.clone()})
         return out
 
     def load_map_state(self, t: dict[str, torch.Tensor]) -> None:
-        self.map.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("map.") and k[4] in "AB"})
+        self.maps.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("map.") and k[4].isdigit()})
         self.h_mean, self.h_std = t["map.h_mean"].clone(), t["map.h_std"].clone()
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
@@ -168,13 +205,13 @@ class AmortisedFitter(Fitter):
 
     def extra_checkpoint(self) -> dict[str, torch.Tensor]:
         out = {}
-        for i, p in enumerate([self.shared_param, *self.map.parameters()]):
+        for i, p in enumerate([self.shared_param, *self.maps.parameters()]):
             s = self.opt.state.get(p, {})
             out.update({f"opt.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).clone() for k, v in s.items()})
         return out
 
     def load_extra_checkpoint(self, t: dict[str, torch.Tensor]) -> None:
-        for i, p in enumerate([self.shared_param, *self.map.parameters()]):
+        for i, p in enumerate([self.shared_param, *self.maps.parameters()]):
             s = {k.split(".", 2)[2]: v.clone() for k, v in t.items() if k.startswith(f"opt.{i}.")}
             if s:
                 self.opt.state[p] = s
@@ -196,7 +233,7 @@ class AmortisedFitter(Fitter):
         if st.z is None or not st.codebooks:
             raise ValueError("infer needs a fitted model (codebooks)")
         users = torch.as_tensor(users, dtype=torch.long)
-        self.materialise(users)
+        self.materialise(users, new=True)
         personal = self.profiles.personal(self.rows(users))
         for k, p in enumerate(self.cfg.profiles):
             x = prepare_for_codes(personal[:, k, : p.n_tokens].flatten(1), center=st.mu[k, : p.n_tokens].flatten())

@@ -79,6 +79,10 @@ class ProfileConfig:
     pool: str = "mean"  # per-window pooling of the LLM's last hidden state: mean | last (token)
     steps_per_epoch: int = 0  # 0 = one pass over the users
     history_windows: int = 0  # the encoder reads each user's last N train windows (0 = all)
+    # amortised: train on the other users only, so evaluation measures how the map generalises to a user it
+    # never saw (as for a new user) rather than what it memorised of a training user's own items
+    unseen_eval_users: bool = False
+    cross_fit: int = 0  # amortised: K >= 2 maps, each user's profile read by the map that never trained on them
     pool_batch: int = 32  # windows per no-grad forward when pooling history states
     # evaluation / stopping
     eval_users: int = 0  # 0 = every user with validation windows
@@ -122,7 +126,7 @@ class ProfileConfig:
             if int(getattr(self, key)) < 1:
                 raise UseripError(f"config.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("prior_lambda", "prior_beta", "lr_user", "lr_shared", "delta_init_std", "joint_beta", "lr_map",
-                    "steps_per_epoch", "bootstrap", "history_windows"):
+                    "steps_per_epoch", "bootstrap", "history_windows", "cross_fit"):
             if float(getattr(self, key)) < 0:
                 raise UseripError(f"config.{key}: must be >= 0, got {getattr(self, key)}")
         for name in names:
