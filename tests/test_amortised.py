@@ -15,6 +15,12 @@ A = ["Toy Story: 5", "Jumanji: 4", "children comedy: 5", "love music: 4"]
 B = ["Heat: 2", "Casino: 1", "crime thriller: 2", "war western: 1"]
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """The ceiling and pooled-state caches of these tests live in tmp_path, never in the user's cache."""
+    monkeypatch.setenv("USERIP_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def llm():
     return tiny_llm(seed=0)

@@ -15,7 +15,8 @@ write_world = write_taste_world  # test_sharded imports it under this name
 
 
 @pytest.fixture
-def run_config(tmp_path):
+def run_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("USERIP_CACHE_DIR", str(tmp_path / "cache"))  # pooled states, ceiling: never the real cache
     write_world(tmp_path / "world")
     llm = tiny_llm(seed=0)
     llm.model.save_pretrained(tmp_path / "tiny")

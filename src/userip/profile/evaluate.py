@@ -149,6 +149,38 @@ def score_ceiling(llm, corpus, users: list[int], other: list[int], cap: int, bat
     return out
 
 
+def cached_ceiling(llm, corpus, users: list[int], other: list[int], cap: int, compute) -> UserSums:
+    """The ceiling's per-user sums from the disk cache when the same LLM scored the same contexts and targets
+    before (it does not depend on the profiles, so every fit on the same data and text shares it)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from userip.io import atomic_path
+    from userip.paths import cache_dir
+    from userip.profile.pooled import model_key
+
+    h = hashlib.blake2b(model_key(llm, "ceiling").encode(), digest_size=16)
+    for u, o in zip(users, other, strict=True):
+        for part in (corpus.context.get(u, []), corpus.context.get(o, []), *corpus.heldout[u][:cap],
+                     *[[int(x) for x in m] for m in corpus.heldout_marks.get(u, [])[:cap]]):
+            h.update(np.asarray(part, dtype=np.int64).tobytes() + b"|")
+    path = cache_dir("ceiling") / f"{h.hexdigest()}.safetensors"
+    if path.exists():
+        t = load_file(str(path))
+        return UserSums(t["users"].numpy(), {k: t[f"nll.{k}"].numpy() for k in ("history_own", "history_other")},
+                        {k: t[f"rating.{k}"].numpy() for k in ("history_own", "history_other")},
+                        t["tokens"].numpy(), t["rating_tokens"].numpy(), t["items"].numpy())
+    out = compute()
+    tensors = {"users": torch.as_tensor(out.users), "tokens": torch.as_tensor(out.tokens),
+               "rating_tokens": torch.as_tensor(out.rating_tokens), "items": torch.as_tensor(out.items)}
+    tensors.update({f"nll.{k}": torch.as_tensor(v) for k, v in out.nll.items()})
+    tensors.update({f"rating.{k}": torch.as_tensor(v) for k, v in out.rating_nll.items()})
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    return out
+
+
 def context_nll(llm, seqs: list[list[int]], starts: list[int], marks: torch.Tensor,
                 ce_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """NLL sums of each sequence's tokens from ``starts[i]`` on (the context before it is only read), plain

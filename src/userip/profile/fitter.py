@@ -335,8 +335,10 @@ class Fitter:
         # another user's history: a derangement over this rank's evaluation users, as 'shuffled' is
         perm = _derangement(len(users), torch.Generator().manual_seed(self.cfg.seed + 13)).tolist() \
             if len(users) > 1 else [0] * len(users)
-        local = ev.score_ceiling(self.llm, self.corpus, users, [users[i] for i in perm], self.cfg.eval_windows,
-                                 self.cfg.batch_users, self.cfg.ce_chunk, self.progress)
+        other = [users[i] for i in perm]
+        local = ev.cached_ceiling(self.llm, self.corpus, users, other, self.cfg.eval_windows,
+                                  lambda: ev.score_ceiling(self.llm, self.corpus, users, other, self.cfg.eval_windows,
+                                                           self.cfg.batch_users, self.cfg.ce_chunk, self.progress))
         self._ceiling = ev.UserSums.concat(self.dist.gather(local))
         self.ceiling_metrics = ev.ceiling_summary(self._ceiling, self.cfg.seed, self.cfg.bootstrap)
         return self._ceiling
