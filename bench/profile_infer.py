@@ -129,6 +129,8 @@ def main() -> None:
     if cfg.inference == "amortised":
         extra = one_more_item_seconds(llm, cfg, data, int(pick["user_idx"].iloc[0]))
     res = {
+        "name": NAME,
+        "config": vars(a),
         "machine": machine_info(),
         "profiles": str(a.profiles),
         "inference": cfg.inference,
