@@ -161,3 +161,15 @@ def prepared(tmp_path: Path, csv_dataset: CsvDataset, data_cache: Path):
         users=csv_dataset.users,
         config=csv_dataset.config,
     )
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """The tiny random test LLM saved as a local Hugging Face model directory (what --model accepts)."""
+    from userip.llm import tiny_llm
+
+    llm = tiny_llm(seed=0)
+    d = tmp_path / "tiny-model"
+    llm.model.save_pretrained(d)
+    llm.tokenizer.save_pretrained(d)
+    return d

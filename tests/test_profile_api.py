@@ -15,15 +15,6 @@ from userip.profile import fit_profiles, id_counts
 FAST = dict(epochs=2, batch_users=4, inner_steps=2, max_tokens=32, windows_per_user=2)
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    llm = tiny_llm(seed=0)
-    d = tmp_path / "tiny-model"
-    llm.model.save_pretrained(d)
-    llm.tokenizer.save_pretrained(d)
-    return d
-
-
 def test_fit_writes_the_profiles_contract(prepared, tmp_path):
     out = tmp_path / "profiles"
     metrics = fit_profiles(prepared.path, out, llm=tiny_llm(), progress=False, **FAST)

@@ -172,17 +172,6 @@ def test_data_prepare_overwrite_and_resume(tmp_path: Path, csv_dataset, data_cac
 
 
 # ---------------------------------------------------------------------------------------------- profile fit
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    from userip.llm import tiny_llm
-
-    llm = tiny_llm(seed=0)
-    d = tmp_path / "tiny-model"
-    llm.model.save_pretrained(d)
-    llm.tokenizer.save_pretrained(d)
-    return d
-
-
 def test_profile_fit_refuses_overwrites_and_resumes(tmp_path: Path, prepared, tiny_model_dir) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"profile": {"batch_users": 4, "inner_steps": 2, "max_tokens": 32}}))
