@@ -57,3 +57,10 @@ def test_rated_behaviour_gets_a_template_that_says_what_the_number_is() -> None:
     assert ProfileConfig(behaviour="rated").template == RATED_TEMPLATE
     assert ProfileConfig().template == DEFAULT_TEMPLATE
     assert "rated" in RATED_TEMPLATE
+
+
+def test_replacing_the_behaviour_keeps_the_default_template_in_step() -> None:
+    assert ProfileConfig().replace(behaviour="rated").template == RATED_TEMPLATE
+    assert ProfileConfig(behaviour="rated").replace(behaviour="sequence").template == DEFAULT_TEMPLATE
+    own = "{hobby} {background} watched: {behaviour}"
+    assert ProfileConfig(template=own).replace(behaviour="rated").template == own  # a user's template stays

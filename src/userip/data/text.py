@@ -44,6 +44,12 @@ def format_reaction(rating: float, label: int) -> str:
     return str(int(label))
 
 
+def user_spans(users: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal user indices in ``users`` (rows sorted by user)."""
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    return list(zip(starts.tolist(), np.r_[starts[1:], len(users)].tolist(), strict=True))
+
+
 def _select(data: PreparedData, split: str | Sequence[str]) -> pd.DataFrame:
     names = list(SPLITS) if split == "all" else [split] if isinstance(split, str) else list(split)
     bad = [s for s in names if s not in SPLITS]
@@ -61,9 +67,7 @@ def user_histories(data: PreparedData, split: str | Sequence[str] = "train") -> 
     items = rows["item_idx"].to_numpy(dtype=np.int64)
     if len(users) == 0:
         return {}
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    ends = np.r_[starts[1:], len(users)]
-    return {int(users[s]): items[s:e] for s, e in zip(starts, ends, strict=True)}
+    return {int(users[s]): items[s:e] for s, e in user_spans(users)}
 
 
 def token_counter(tokenizer: Any | None) -> Callable[[str], int]:
@@ -152,9 +156,8 @@ def behaviour_windows(
     ``mode="sequence"``: item titles joined by "; " ("Toy Story (1995); Heat (1995); ..."), at most
     ``max_items`` per window and, with ``max_tokens``, at most that many tokens (counted with ``tokenizer``,
     else whitespace words); long histories give several windows, every item appears exactly once.
-    All items are rendered, liked or not: the paper models the behaviour sequence itself, a rating is a
-    reaction after the exposure (using it would leak the CTR label into the profile), and this keeps the
-    windows deterministic.
+    All items are rendered, liked or not: the behaviour sequence itself is modelled, which keeps the windows a
+    deterministic function of the split.
     ``mode="rated"``: as ``sequence``, each title followed by the user's reaction ("Heat: 4; Toy Story: 5").
     ``title_year="drop"`` removes a trailing "(1995)" from titles (sequence and rated).
     ``mode="review"``: one window per interaction with text (the interaction's ``text`` column, else the
@@ -173,8 +176,6 @@ def behaviour_windows(
     users = rows["user_idx"].to_numpy()
     if len(users) == 0:
         return {}
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    ends = np.r_[starts[1:], len(users)]
     items = rows["item_idx"].to_numpy(dtype=np.int64)
 
     if mode in ("sequence", "rated"):
@@ -182,7 +183,7 @@ def behaviour_windows(
         count = functools.lru_cache(maxsize=65536)(token_counter(tokenizer))  # titles repeat across users
         return {
             int(users[s]): pack_windows(list(pieces[s:e]), max_items=max_items, max_tokens=max_tokens, count=count)
-            for s, e in zip(starts, ends, strict=True)
+            for s, e in user_spans(users)
         }
 
     if "text" in rows.columns:
@@ -197,7 +198,7 @@ def behaviour_windows(
             "columns.interactions.text (e.g. review text) or columns.items.text in the config"
         )
     out: dict[int, list[str]] = {}
-    for s, e in zip(starts, ends, strict=True):
+    for s, e in user_spans(users):
         win = []
         for t in texts[s:e]:
             if t is None or (isinstance(t, float) and np.isnan(t)) or not str(t).strip():
@@ -240,6 +241,4 @@ def recent_history(
     if len(users) == 0:
         return {}
     pieces = _item_pieces(data, rows, "rated" if mode == "rated" else "sequence", title_year)
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    ends = np.r_[starts[1:], len(users)]
-    return {int(users[s]): SEP.join(pieces[max(s, e - n_items) : e]) for s, e in zip(starts, ends, strict=True)}
+    return {int(users[s]): SEP.join(pieces[max(s, e - n_items) : e]) for s, e in user_spans(users)}

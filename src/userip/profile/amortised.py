@@ -17,7 +17,6 @@ Codes, evaluation, checkpoints and outputs are the EM fitter's: after each epoch
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -31,8 +30,6 @@ from userip.profile.fitter import Fitter
 from userip.profile.pooled import PooledStates
 from userip.profile.template import make_batch
 from userip.quantize import assign, prepare_for_codes
-
-log = logging.getLogger(__name__)
 
 
 class HistoryMap(torch.nn.Module):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -73,8 +75,6 @@ def build_corpus(data, tokenizer, cfg: ProfileConfig) -> Corpus:
 
 def lead_in(template: str) -> str:
     """The template's text right before {behaviour} ("The user watched:"): the ceiling's plain-text prompt."""
-    import re
-
     tail = re.split(r"\{[A-Za-z_][A-Za-z0-9_]*\}", template)[-2]
     return tail.lstrip(" .").strip()
 
@@ -192,8 +192,6 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path | Any, user_id
     t_load = time.perf_counter()
     llm = llm or load_llm(conf["model"], dtype=cfg.dtype, device=cfg.device)
     t0 = time.perf_counter()
-    import dataclasses
-
     inter = data.interactions  # only these users' behaviour is rendered
     mine = dataclasses.replace(data, interactions=inter[inter["user_idx"].isin(idx.tolist())])
     full = build_corpus(mine, llm.tokenizer, cfg.replace(max_users=0))

@@ -155,4 +155,7 @@ class ProfileConfig:
         return cls(**d)
 
     def replace(self, **changes: Any) -> ProfileConfig:
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "behaviour" in changes and "template" not in changes and self.template in (DEFAULT_TEMPLATE, RATED_TEMPLATE):
+            changes["template"] = None  # a default template follows the behaviour it was chosen for
+        return dataclasses.replace(self, **changes)

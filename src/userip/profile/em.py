@@ -22,16 +22,13 @@ from tqdm.auto import tqdm
 
 from userip.monitor import release_memory
 from userip.profile.config import ProfileConfig
-from userip.profile.corpus import Corpus, encode_context, rating_marks
-from userip.profile.fitter import EMState, Fitter
+from userip.profile.corpus import Corpus
+from userip.profile.fitter import Fitter
 from userip.profile.optim import RowAdam
 from userip.profile.template import make_batch
 from userip.quantize import assign, prepare_for_codes
 
 log = logging.getLogger(__name__)
-
-__all__ = ["Corpus", "EMState", "ProfileFitter", "encode_context", "rating_marks"]
-
 
 class ProfileFitter(Fitter):
     """Per-user EM: residual (or plain) table rows fitted by E-steps; ``mode: joint`` is the reference loss."""

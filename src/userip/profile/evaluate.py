@@ -37,6 +37,17 @@ class UserSums:
     rating_tokens: np.ndarray | None = None
     items: np.ndarray | None = None
 
+    def add(self, names: list[str], owner: np.ndarray, sums: torch.Tensor, counts: torch.Tensor,
+            msums: torch.Tensor, mcounts: torch.Tensor) -> None:
+        """Accumulate a scored batch: rows ``j*n .. (j+1)*n`` hold variant ``names[j]`` of the ``n`` rows
+        owned by users ``owner``."""
+        n = len(owner)
+        for j, k in enumerate(names):
+            np.add.at(self.nll[k], owner, sums[j * n : (j + 1) * n].double().cpu().numpy())
+            np.add.at(self.rating_nll[k], owner, msums[j * n : (j + 1) * n].double().cpu().numpy())
+        np.add.at(self.tokens, owner, counts[:n].double().cpu().numpy())
+        np.add.at(self.rating_tokens, owner, mcounts[:n].double().cpu().numpy())
+
     def subset(self, mask: np.ndarray) -> UserSums:
         return UserSums(self.users[mask], {k: v[mask] for k, v in self.nll.items()},
                         {k: v[mask] for k, v in self.rating_nll.items()}, self.tokens[mask],
@@ -64,10 +75,10 @@ def heldout_rows(corpus, users: list[int], cap: int) -> tuple[list[list[int]], l
         wins = corpus.heldout[u][:cap]
         mk = corpus.heldout_marks.get(u, [])
         for j, w in enumerate(wins):
+            m = list(mk[j][: len(w)]) if j < len(mk) else []
             rows.append(w)
             owner.append(i)
-            marks.append(list(mk[j][: len(w)]) + [False] * (len(w) - len(mk[j][: len(w)])) if j < len(mk)
-                         else [False] * len(w))
+            marks.append(m + [False] * (len(w) - len(m)))
     return rows, owner, marks
 
 
@@ -86,7 +97,7 @@ def _empty(users: list[int], names: list[str]) -> UserSums:
 
 
 def _items(corpus, users: list[int], cap: int) -> np.ndarray:
-    return np.array([sum(corpus.heldout_items.get(u, [1] * cap)[:cap]) if u in corpus.heldout_items
+    return np.array([sum(corpus.heldout_items[u][:cap]) if u in corpus.heldout_items
                      else min(len(corpus.heldout[u]), cap) for u in users], dtype=np.float64)
 
 
@@ -106,13 +117,7 @@ def score_variants(scorer, corpus, users: list[int], variants: dict[str, torch.T
         owner_t = torch.tensor(owner) + s
         theta = torch.cat([variants[k][owner_t] for k in names])
         mk = _marks_tensor(marks * len(names))
-        sums, counts, msums, mcounts = scorer.row_nll_marked(theta, make_batch(rows * len(names)), mk)
-        n = len(rows)
-        for j, k in enumerate(names):
-            np.add.at(out.nll[k], owner_t.numpy(), sums[j * n : (j + 1) * n].double().cpu().numpy())
-            np.add.at(out.rating_nll[k], owner_t.numpy(), msums[j * n : (j + 1) * n].double().cpu().numpy())
-        np.add.at(out.tokens, owner_t.numpy(), counts[:n].double().cpu().numpy())
-        np.add.at(out.rating_tokens, owner_t.numpy(), mcounts[:n].double().cpu().numpy())
+        out.add(names, owner_t.numpy(), *scorer.row_nll_marked(theta, make_batch(rows * len(names)), mk))
     return out
 
 
@@ -138,14 +143,7 @@ def score_ceiling(llm, corpus, users: list[int], other: list[int], cap: int, bat
                 ctx = bos + corpus.context.get(users[o] if j == 0 else other[o], [])
                 seqs.append(ctx + r)
                 starts.append(len(ctx))
-        sums, counts, msums, mcounts = context_nll(llm, seqs, starts, _marks_tensor(marks * 2), ce_chunk)
-        n = len(rows)
-        owner_a = np.asarray(owner)
-        for j, k in enumerate(names):
-            np.add.at(out.nll[k], owner_a, sums[j * n : (j + 1) * n].double().cpu().numpy())
-            np.add.at(out.rating_nll[k], owner_a, msums[j * n : (j + 1) * n].double().cpu().numpy())
-        np.add.at(out.tokens, owner_a, counts[:n].double().cpu().numpy())
-        np.add.at(out.rating_tokens, owner_a, mcounts[:n].double().cpu().numpy())
+        out.add(names, np.asarray(owner), *context_nll(llm, seqs, starts, _marks_tensor(marks * 2), ce_chunk))
     return out
 
 
@@ -187,12 +185,9 @@ def context_nll(llm, seqs: list[list[int]], starts: list[int], marks: torch.Tens
     token ids, right-padded; also the sums over the ``marks``-ed target tokens. Returns (sums, counts,
     marked sums, marked counts), each [B]."""
     device = llm.device
-    lengths = torch.tensor([len(x) for x in seqs])
-    L = int(lengths.max())
-    ids = torch.zeros(len(seqs), L, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        ids[i, : len(x)] = torch.tensor(x)
-    attn = (torch.arange(L)[None] < lengths[:, None]).long()
+    batch = make_batch(seqs)  # right-padded ids and lengths
+    ids, lengths = batch.behaviour, batch.lengths
+    attn = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
     hidden = llm.model.model(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
     B = len(seqs)
     sums, counts = torch.zeros(B), torch.zeros(B)
@@ -230,15 +225,11 @@ def halves(users: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return select, ~select
 
 
-def paired_gap(s: UserSums, worse: str, better: str, n_boot: int, seed: int,
-               other: UserSums | None = None) -> dict[str, Any]:
+def paired_gap(s: UserSums, worse: str, better: str, n_boot: int, seed: int) -> dict[str, Any]:
     """``worse - better`` in nats, token-weighted over users (per token and per item), with a 95% bootstrap
-    interval over users (per token), and the per-token gap on rating tokens and on the other tokens.
-    ``other`` holds ``better`` when it comes from another scoring of the same users and targets."""
-    b = (other or s).nll[better]
-    rb = (other or s).rating_nll[better]
-    d = s.nll[worse] - b
-    rd = s.rating_nll[worse] - rb
+    interval over users (per token), and the per-token gap on rating tokens and on the other tokens."""
+    d = s.nll[worse] - s.nll[better]
+    rd = s.rating_nll[worse] - s.rating_nll[better]
     tok, items, rtok = s.tokens, s.items, s.rating_tokens
     out: dict[str, Any] = {"users": int(len(d))}
     if len(d) == 0 or tok.sum() == 0:

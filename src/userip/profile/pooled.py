@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from userip.io import atomic_path
 from userip.paths import cache_dir
+from userip.profile.template import make_batch
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,9 @@ def pool_windows(llm, windows: list[list[int]], pool: str = "mean", batch_size: 
     for s in bar:
         idx = order[s : s + batch_size]
         seqs = [bos + list(windows[i]) for i in idx]
-        lengths = torch.tensor([len(x) for x in seqs])
-        L = int(lengths.max())
-        ids = torch.zeros(len(seqs), L, dtype=torch.long)
-        for j, x in enumerate(seqs):
-            ids[j, : len(x)] = torch.tensor(x)
-        pos = torch.arange(L)[None]
+        batch = make_batch(seqs)  # right-padded ids and lengths
+        ids, lengths = batch.behaviour, batch.lengths
+        pos = torch.arange(ids.shape[1])[None]
         attn = (pos < lengths[:, None]).long()
         h = backbone(input_ids=ids.to(llm.device), attention_mask=attn.to(llm.device)).last_hidden_state
         h = h.float().cpu()
