@@ -1,7 +1,8 @@
-"""CTR stage: backbones, trainer, variants, the paired-lift table, and the train_ctr/CLI wiring.
+"""CTR stage: backbones, trainer, variants, results files, and the train_ctr/CLI wiring.
 
-Everything runs on small synthetic example sets built here (no userip.data / userip.bank needed);
-train_ctr and the CLI are exercised with stand-in data/bank modules.
+Everything runs on small synthetic example sets (tests/ctr_world.py; no userip.data / userip.bank needed);
+train_ctr and the CLI are exercised with stand-in data/bank modules. The paired-lift statistics and tables
+are in test_ctr_table.py, the planted fixture for every variant family in test_ctr_planted.py.
 """
 
 from __future__ import annotations
@@ -17,25 +18,26 @@ import pandas as pd
 import pytest
 import torch
 
+from ctr_world import make_examples
 from userip.ctr import (
     FeatureSpec,
     Field,
+    TestPredictions,
     activity_buckets,
     build_model,
     cold_users,
     known_backbones,
-    lift_frame,
+    label_rate,
     load_model,
-    paired_interval,
     permute_ids,
-    results_markdown,
+    quantile_buckets,
     run_ctr_table,
 )
 from userip.ctr.layers import EmbeddingLayer
 from userip.errors import UseripError
 
 BACKBONES = ["dcn", "deepfm", "dcnv2", "autoint", "din"]
-FAST = {"batch_size": 256, "lr": 1e-2, "max_epochs": 12, "progress": False}
+FAST = {"batch_size": 256, "lr": 1e-2, "max_epochs": 12, "progress": False, "bootstrap": 100}
 
 
 @pytest.fixture(autouse=True)
@@ -44,59 +46,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def make_examples(n_users=200, n_items=100, rows_per_user=20, *, planted=False, seed=0, hist_len=5):
-    """(train, val, test) SimpleNamespaces with the CTRExamples fields, the hidden group per user, activity.
-
-    ``planted``: a hidden user group (1..4) decides the label (P=0.85 when the item's category matches the
-    group, else 0.2) and the history is random, so without the group nothing predicts the label.
-    Otherwise the label follows item and user biases and the history holds the user's earlier clicks.
-    """
-    rng = np.random.default_rng(seed)
-    group = np.r_[0, rng.integers(1, 5, n_users)]
-    cat = np.r_[0, np.arange(n_items) % 4 + 1]
-    item_bias = np.r_[0, rng.normal(0, 1.2, n_items)]
-    user_bias = np.r_[0, rng.normal(0, 0.7, n_users)]
-    counts = np.clip((rng.pareto(1.5, n_users) * rows_per_user / 2).astype(int) + 4, 3, rows_per_user * 5)
-    users, items, labels, hist = [], [], [], []
-    for u in range(1, n_users + 1):
-        clicked: list[int] = []
-        for i in rng.integers(1, n_items + 1, counts[u - 1]):
-            h = np.zeros(hist_len, dtype=np.int64)
-            if planted:
-                p = 0.85 if cat[i] == group[u] else 0.2
-                h[:] = rng.integers(1, n_items + 1, hist_len)
-            else:
-                p = 1 / (1 + np.exp(-(1.5 * item_bias[i] + user_bias[u])))
-                if clicked:
-                    last = clicked[-hist_len:]
-                    h[-len(last) :] = last
-            y = float(rng.random() < p)
-            if y:
-                clicked.append(int(i))
-            users.append(u)
-            items.append(i)
-            labels.append(y)
-            hist.append(h)
-    users, items = np.array(users, dtype=np.int64), np.array(items, dtype=np.int64)
-    genres = np.stack([cat[items], np.where(items % 3 == 0, 5, 0)], axis=1)
-    gender = np.r_[0, rng.integers(1, 3, n_users)]
-    split = rng.choice(3, len(users), p=[0.7, 0.15, 0.15])
-    vocab = {"user": n_users + 1, "item": n_items + 1, "genre": 6, "gender": 3}
-    hist, labels = np.array(hist), np.array(labels, dtype=np.float32)
-    out = []
-    for s in range(3):
-        m = split == s
-        out.append(
-            SimpleNamespace(
-                user=users[m], item=items[m], genres=genres[m], history=hist[m],
-                side={"gender": gender[users[m]]}, label=labels[m], timestamp=np.flatnonzero(m),
-                vocab=dict(vocab),
-            )
-        )
-    activity = np.bincount(out[0].user, minlength=n_users + 1)
-    return tuple(out), group, activity
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +113,11 @@ def test_planted_signal_ids_lift_and_permuted_does_not(planted):
     auc = df[df["slice"] == "all"].groupby("variant")["auc"].mean()
     assert auc["+ids"] > auc["base"] + 0.1, auc.to_dict()
     assert abs(auc["+ids-permuted"] - auc["base"]) < 0.05, auc.to_dict()
-    lift = lift_frame(df[df["slice"] == "all"])
-    d = lift.set_index("control")["d_auc"]
-    assert d["base"] > 0.1 and d["+ids-permuted"] > 0.1
+    lifts = df.attrs["lifts"]
+    v = lifts[lifts["slice"] == "all"].set_index(["variant", "control"])
+    assert v.loc[("+ids", "base"), "d_auc"] > 0.1 and v.loc[("+ids", "+ids-permuted"), "d_auc"] > 0.1
+    assert v.loc[("+ids", "+ids-permuted"), "verdict"] == "lift"
+    assert v.loc[("+ids-permuted", "base"), "verdict"] == "no lift"
 
 
 def test_extra_feature_sources_are_variants_in_the_same_harness(planted):
@@ -193,6 +144,12 @@ def test_permutation_is_label_blind_and_keeps_the_tuples():
     assert np.array_equal(p, permute_ids(ids, seed=3)) and not np.array_equal(p, permute_ids(ids, seed=4))
     # it depends on nothing but (ids, seed): labels cannot enter
     assert list(__import__("inspect").signature(permute_ids).parameters) == ["ids", "seed"]
+    # vectors are permuted as whole rows (the +theta / +*-dense twins), with the same permutation as ID tuples
+    vec = rng.normal(size=(51, 3))
+    pv = permute_ids(vec, seed=3)
+    order = [int(np.flatnonzero((vec == row).all(1))[0]) for row in pv]
+    assert order[0] == 0 and sorted(order) == list(range(51)) and order != list(range(51))
+    assert all((ids[o] == p[i]).all() for i, o in enumerate(order))
 
 
 def test_activity_buckets_and_cold_users():
@@ -206,6 +163,46 @@ def test_activity_buckets_and_cold_users():
     assert not cold[0] and cold[1:].sum() == 25 and thr == pytest.approx(25.75)
 
 
+def test_label_rate_buckets_use_train_rows_only_and_the_id_cardinality():
+    users = np.array([1, 1, 2, 2, 2, 3, 5])
+    labels = np.array([1, 0, 1, 1, 1, 0, 1.0])
+    rate = label_rate(users, labels, 7)
+    np.testing.assert_allclose(rate[[1, 2, 3, 5]], [0.5, 1.0, 0.0, 1.0])
+    assert np.isnan(rate[[0, 4, 6]]).all()  # row 0 and users without train rows: unknown
+    b, k = quantile_buckets(rate, 12)
+    assert k == 3 and b[0] == 0 and b[4] == 0 and b[6] == 0  # capped by the distinct rates; unknown -> 0
+    assert b[3] < b[1] < b[2] == b[5]  # monotone in the rate
+    b, k = quantile_buckets(np.r_[np.nan, np.linspace(1, 5, 200)], 12)
+    assert k == 12 and sorted(set(b[1:])) == list(range(1, 13))
+
+
+def test_label_rate_source_reads_only_the_train_split(learnable):
+    """The +label-rate field comes from train labels: changing every val/test label changes no bucket."""
+    splits, group, activity = learnable
+    tr, va, te = splits
+    kw = {"backbones": ["dcn"], "seeds": [0], "settings": ["no_user_id"], "variants": ["+label-rate"],
+          "max_epochs": 1}
+    captured = []
+    import userip.ctr.run as ctr_run
+
+    orig = ctr_run.quantile_buckets
+
+    def spy(values, n):
+        out = orig(values, n)
+        captured.append(out[0].copy())
+        return out
+
+    flipped = [SimpleNamespace(**{**vars(s), "label": 1 - s.label}) for s in (va, te)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ctr_run, "quantile_buckets", spy)
+        _run(splits, group, activity, **kw)
+        _run((tr, *flipped), group, activity, **kw)
+    assert len(captured) == 4  # activity and label-rate, twice
+    np.testing.assert_array_equal(captured[1], captured[3])
+    want, _ = orig(label_rate(tr.user, tr.label, len(group)), 4)  # id_sizes [4]: 4 buckets, as +activity
+    np.testing.assert_array_equal(captured[1], want)
+
+
 def test_deterministic_given_seed(learnable):
     splits, group, activity = learnable
     kw = {"backbones": ["dcn"], "variants": ["+ids-permuted"], "settings": ["no_user_id"], "max_epochs": 3}
@@ -216,20 +213,60 @@ def test_deterministic_given_seed(learnable):
     assert a["auc"].tolist() != c["auc"].tolist()
 
 
-def test_theta_variant_and_results_files(learnable, tmp_path):
+def test_variant_lists_and_results_files(learnable, tmp_path):
     splits, group, activity = learnable
     theta = np.random.default_rng(0).normal(size=(len(group), 2, 3, 4)).astype(np.float32)
     theta[0] = 0
-    df = _run(splits, group, activity, theta=theta, backbones=["deepfm"], seeds=[0], max_epochs=2,
-              settings=["with_user_id"], out=tmp_path, profile_names=["hobby"])
-    assert set(df["variant"]) == {"base", "+ids", "+ids-permuted", "+activity", "+theta"}
+    hist = np.random.default_rng(1).normal(size=(len(group), 5)).astype(np.float32)
+    kw = {"theta": theta, "backbones": ["deepfm"], "seeds": [0], "max_epochs": 2, "settings": ["with_user_id"],
+          "profile_names": ["hobby"], "extra_dense": {"+hist-dense": hist}, "bootstrap": 50}
+    df = _run(splits, group, activity, out=tmp_path, **kw)  # default: the headline variants
+    assert list(dict.fromkeys(df["variant"])) == ["base", "+ids", "+ids-permuted", "+activity", "+label-rate",
+                                                  "+ids+label-rate", "+hist-dense", "+hist-dense-permuted"]
     assert set(df["slice"]) == {"all", "cold"}
     assert list(df.columns[:5]) == ["backbone", "variant", "setting", "seed", "slice"]
     res = json.loads((tmp_path / "results.json").read_text())
-    assert len(res["runs"]) == len(df) and len(res["fits"]) == 5
-    assert "Paired lift" in (tmp_path / "results.md").read_text()
+    assert len(res["runs"]) == len(df) and len(res["fits"]) == 8
+    assert res["comparisons"] == len(res["lifts"]) > 0 and res["summary"]
+    md = (tmp_path / "results.md").read_text()
+    assert md.index("## Headline: with_user_id") < md.index("## AUC / LogLoss")
+    assert f"{len(res['lifts'])} paired comparisons" in md
+    tp = TestPredictions.load(tmp_path / "predictions.npz")
+    assert len(tp.preds) == 8 and set(tp.slices) == {"all", "cold"}
+    np.testing.assert_array_equal(tp.label, splits[2].label)
     model = load_model(tmp_path / "models" / "deepfm.safetensors")
     assert model.ctr_extra["variant"] == "+ids" and "profile:hobby" in model.ctr_spec.names
+
+    everything = _run(splits, group, activity, variants="all", **{**kw, "max_epochs": 1})
+    assert set(everything["variant"]) == {
+        "base", "+ids", "+ids-permuted", "+activity", "+label-rate", "+ids+label-rate", "+ids-permuted+label-rate",
+        "+theta", "+theta-permuted", "+hist-dense", "+hist-dense-permuted"}
+
+
+def test_twin_has_the_same_fields_and_permuted_rows(learnable, monkeypatch):
+    """A twin is the same model on other rows: same spec, and each user reads another user's vector."""
+    import userip.ctr.run as ctr_run
+
+    splits, group, activity = learnable
+    theta = np.random.default_rng(0).normal(size=(len(group), 6)).astype(np.float32)
+    seen = {}
+    orig_fit = ctr_run.fit
+
+    def spy(model, train, *a, **kw):
+        seen[kw["desc"].split()[1]] = (model.ctr_spec.names, train["dense:theta"][np.arange(5)].numpy())
+        return orig_fit(model, train, *a, **{**kw, "max_epochs": 1})
+
+    monkeypatch.setattr(ctr_run, "fit", spy)
+    _run(splits, group, activity, theta=theta, backbones=["dcn"], seeds=[0], settings=["no_user_id"],
+         variants=["+theta", "+theta-permuted"], bootstrap=20)
+    (names, own), (names_p, other) = seen["+theta"], seen["+theta-permuted"]
+    assert names == names_p and "dense:theta" in names
+    scale = theta[1:].std()
+    users = splits[0].user[:5]
+    np.testing.assert_allclose(own, theta[users] / scale, rtol=1e-6)
+    perm = permute_ids(theta, 0 + ctr_run.PERMUTATION_SEED_OFFSET)
+    np.testing.assert_allclose(other, perm[users] / scale, rtol=1e-6)
+    assert not np.allclose(own, other)
 
 
 # ------------------------------------------------------------------ bad input
@@ -251,39 +288,14 @@ def test_bad_inputs_are_clear(learnable):
         _run(splits, group, activity, variants=["+magic"])
     with pytest.raises(UseripError, match=r"'\+theta' needs theta"):
         _run(splits, group, activity, variants=["+theta"])
-
-
-# ------------------------------------------------------------------ the table (pure)
-def _runs(diffs_all, base=0.70, backbone="dcn"):
-    rows = []
-    for seed, d in enumerate(diffs_all):
-        for variant, auc in (("base", base), ("+ids", base + d), ("+ids-permuted", base + 0.001 * seed)):
-            rows.append({"backbone": backbone, "variant": variant, "setting": "no_user_id", "seed": seed,
-                         "slice": "all", "auc": auc, "logloss": 0.6 - (auc - base), "epochs": 5})
-    return pd.DataFrame(rows)
-
-
-def test_paired_interval_matches_t_interval():
-    mean, lo, hi, n = paired_interval([0.01, 0.02, 0.03])
-    assert n == 3 and mean == pytest.approx(0.02)
-    assert hi - mean == pytest.approx(4.302652729911275 * 0.01 / math.sqrt(3))
-    assert math.isnan(paired_interval([0.5])[1])
-
-
-def test_results_markdown_paired_lift_and_no_lift():
-    clear = _runs([0.05, 0.051, 0.049, 0.052, 0.05])
-    lift = lift_frame(clear).set_index("control")
-    assert lift.loc["base", "d_auc"] == pytest.approx(0.0504)
-    assert lift.loc["base", "verdict"] == "lift" and lift.loc["base", "n"] == 5
-    noisy = _runs([0.03, -0.02, 0.01, -0.03, 0.02])
-    md = results_markdown(noisy)
-    assert "| no lift |" in md and "+ids vs base" in md and "+ids vs +ids-permuted" in md
-    assert "| dcn | no_user_id | all | base | 5 | 0.7000 ± 0.0000 |" in md
-    one = results_markdown(_runs([0.05]))
-    assert "| n/a |" in one and "| no lift |" not in one and "| lift |" not in one
-    # pure: same frame in, same text out, input untouched
-    before = noisy.copy()
-    assert results_markdown(noisy) == md and noisy.equals(before)
+    with pytest.raises(UseripError, match=r"unknown variants \['\+activity-permuted'\]"):
+        _run(splits, group, activity, variants=["+activity-permuted"])  # a control has no twin
+    with pytest.raises(UseripError, match="extra source 'hist'"):
+        _run(splits, group, activity, extra_dense={"hist": np.zeros((len(group), 2))})
+    with pytest.raises(UseripError, match="NaN"):
+        _run(splits, group, activity, extra_dense={"+hist-dense": np.full((len(group), 2), np.nan)})
+    with pytest.raises(UseripError, match=r"competitor '\+text-ids' is not a built source"):
+        _run(splits, group, activity, competitor="+text-ids")
 
 
 # ------------------------------------------------------------------ train_ctr + CLI with stand-in stages
@@ -347,9 +359,10 @@ def test_train_ctr_reads_personal_tokens(fake_stages, learnable, tmp_path):
     personal = np.random.default_rng(0).normal(size=(n_rows, 2, 2, 3)).astype(np.float32)
     save_file({"theta": personal + 1, "personal": personal}, str(prof / "profiles.safetensors"))
     (prof / "config.yaml").write_text("data_fingerprint: fp-data\n")
-    kw = {"backbones": "deepfm", "seeds": [3], "settings": "no_user_id", "max_epochs": 1, "progress": False}
+    kw = {"backbones": "deepfm", "seeds": [3], "settings": "no_user_id", "max_epochs": 1, "progress": False,
+          "variants": "+theta,+theta-permuted", "bootstrap": 20}
     df = train_ctr("DATA", "BANK", prof, out=tmp_path / "out", **kw)
-    assert "+theta" in set(df["variant"])
+    assert set(df["variant"]) == {"+theta", "+theta-permuted"}
     (prof / "config.yaml").write_text("data_fingerprint: fp-else\n")
     with pytest.raises(UseripError, match="fp-else.*fp-data"):
         train_ctr("DATA", "BANK", prof, out=tmp_path / "out", **kw)

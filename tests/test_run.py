@@ -43,14 +43,17 @@ def test_run_quick_end_to_end_and_resume(run_config, tmp_path):
     assert r.exit_code == 0, r.output
     for f in ("data/stats.json", "profiles/profile_ids.parquet", "bank.sqlite", "ctr/results.json",
               "ctr/results.md", "explanations.json", "probe.json", "report.md", "report.html",
-              "plots/em_curves.png", "plots/code_usage.png", "plots/ctr_auc.png", "plots/stage_costs.png"):
+              "plots/em_curves.png", "plots/code_usage.png", "plots/ctr_forest.png", "plots/stage_costs.png"):
         assert (out / f).exists(), f
     assert list((out / "ctr" / "models").glob("*.safetensors"))
     stats = json.loads((out / "data" / "stats.json").read_text())
     assert stats["n_users"] == 32  # --quick's seeded user subset reached every stage
     runs = pd.DataFrame(json.loads((out / "ctr" / "results.json").read_text())["runs"])
-    assert {"base", "+ids", "+ids-permuted", "+activity", "+theta", "+text-ids", "+content-ids",
-            "+text-dense"} <= set(runs["variant"])
+    # the default table: the headline variants, with the LLM-history competitor and its twin
+    assert set(runs["variant"]) == {"base", "+ids", "+ids-permuted", "+activity", "+label-rate", "+ids+label-rate",
+                                    "+hist-ids", "+hist-ids-permuted"}
+    for name in ("history", "text-profile", "content-kmeans"):  # every baseline is built (all one flag away)
+        assert (out / "baselines" / name / "profile_ids.parquet").exists(), name
     assert set(runs["seed"]) == {0, 1}
     report = (out / "report.md").read_text()
     for section in ("## Headline", "## Profiles", "## CTR", "## Validity probe", "## Explanations",

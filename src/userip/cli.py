@@ -273,20 +273,30 @@ def ctr_train(
     data: Path = typer.Option(..., "--data", help="Prepared data directory."),
     bank: str = typer.Option(..., "--bank", help="Feature bank (path or URL)."),
     profiles: Path | None = typer.Option(None, "--profiles", help="Profile run dir: adds the +theta variant."),
+    baseline: list[Path] = typer.Option(
+        [], "--baseline", help="A saved baseline dir (e.g. RUN/baselines/history): adds its sources (+hist-ids, "
+        "+hist-dense, +text-ids, ...). Repeatable."
+    ),
     backbones: str = typer.Option("dcn,deepfm,dcnv2,autoint,din", "--backbones", help="Comma list."),
     seeds: int = typer.Option(5, "--seeds", help="Number of seeds (0..N-1), paired across variants."),
-    out: Path = typer.Option(..., "--out", help="Output dir: results.json, results.md, models/."),
-    variants: str | None = typer.Option(
-        None, "--variants", help="Comma list of base,+ids,+ids-permuted,+activity,+theta (default: all usable)."
+    out: Path = typer.Option(..., "--out", help="Output dir: results.json, results.md, predictions.npz, models/."),
+    variants: str = typer.Option(
+        "default", "--variants", help="default (the headline: base, +ids, +ids-permuted, +activity, +label-rate, "
+        "+ids+label-rate, the strongest competitor and its twin), all (every source with its permuted twin), "
+        "or a comma list such as base,+ids,+ids-permuted,+theta,+theta-permuted."
+    ),
+    competitor: str | None = typer.Option(
+        None, "--competitor", help="The baseline in the default table (default: +hist-ids when built)."
     ),
     settings: str = typer.Option("with_user_id,no_user_id", "--settings", help="Comma list."),
     max_epochs: int = typer.Option(20, "--max-epochs"),
     batch_size: int = typer.Option(4096, "--batch-size"),
     lr: float = typer.Option(3e-3, "--lr"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired bootstrap replicates (test users and seeds)."),
     threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: torch's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
-    """Train CTR backbones with and without the profile IDs (and controls); print the lift table."""
+    """Train CTR backbones with the profile IDs, their permuted twins and the controls; print the table."""
     from userip.ctr import train_ctr
 
     if threads:
@@ -295,7 +305,8 @@ def ctr_train(
         torch.set_num_threads(threads)
     train_ctr(
         data, bank, profiles, backbones=backbones, seeds=seeds, out=out, variants=variants, settings=settings,
-        max_epochs=max_epochs, batch_size=batch_size, lr=lr, overwrite=overwrite,
+        max_epochs=max_epochs, batch_size=batch_size, lr=lr, overwrite=overwrite, baselines=baseline,
+        competitor=competitor, bootstrap=bootstrap,
     )
     console.print((out / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
 # ---------------------------------------------------------------- end ctr

@@ -38,7 +38,7 @@ OUTPUT_FILES: dict[str, tuple[str, ...]] = {
                  "metrics.json", "explanations.json", "checkpoints/epoch*.safetensors", "checkpoints/last.json"),
     "baseline": ("profile_ids.parquet", "profiles.safetensors", "codebooks.safetensors", "config.yaml",
                  "meta.json", "texts.parquet"),
-    "ctr": ("results.json", "results.md", "models/*.safetensors", "models/*.json"),
+    "ctr": ("results.json", "results.md", "predictions.npz", "models/*.safetensors", "models/*.json"),
     "run": ("run.json", "config.yaml", "bank.sqlite", "explanations.json", "probe.json", "probe.md",
             "report.md", "report.html", "plots/*.png", "baselines/cache/text_profiles.parquet",
             ".bank.sqlite.*.building", ".bank.sqlite.*.building-journal"),
@@ -46,7 +46,7 @@ OUTPUT_FILES: dict[str, tuple[str, ...]] = {
 # Sub-directories that are outputs of their own (with their own marker), by parent kind: path -> kind.
 OUTPUT_NESTED: dict[str, dict[str, str]] = {
     "run": {"data": "data", "profiles": "profiles", "ctr": "ctr", "baselines/content-kmeans": "baseline",
-            "baselines/text-profile": "baseline"},
+            "baselines/text-profile": "baseline", "baselines/history": "baseline"},
 }
 # Kinds whose commands continue a finished output instead of replacing it (stages skipped by key).
 INCREMENTAL = frozenset({"run"})

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from rich.console import Console
 
@@ -82,11 +81,12 @@ def check_sections(cfg: dict[str, Any]) -> None:
 
     fixed = ("data", "data_dir", "llm", "cardinalities", "seed", "cache_dir", "out", "overwrite", "progress",
              "meta", "extra_ids", "extra_dense", "profiles_dir", "bank", "write", "train", "val", "test", "ids",
-             "id_sizes", "activity", "theta", "profile_names")
+             "id_sizes", "activity", "theta", "profile_names", "user_label_rate", "reads", "baselines",
+             "behaviour", "title_year")  # the last two: the baselines read what the profiles read, never other
     known = {
-        "ctr": _params(train_ctr, fixed) | _params(run_ctr_table, fixed) | {"baseline_dense"},
+        "ctr": _params(train_ctr, fixed) | _params(run_ctr_table, fixed),
         "explain": _params(explain, (*fixed, "profiles_dir")),
-        "baselines": _params(text_profile_baseline, fixed) | {"content_kmeans", "text_profile"},
+        "baselines": _params(text_profile_baseline, fixed) | {"content_kmeans", "text_profile", "history"},
     }
     where = cfg.get("config_path", "run config")
     for section, keys in known.items():
@@ -160,21 +160,37 @@ class Runner:
                     **self.cfg["explain"])
         return {"profiles": list(e.get("profiles", {}))}
 
+    def profile_config(self):
+        """The profiles' config (what they read): from the fitted profiles, else the run config's section."""
+        from userip.profile import ProfileConfig
+        from userip.profile.api import load_config
+
+        f = self.out / "profiles" / "config.yaml"
+        if f.exists() and (read_yaml(f) or {}).get("profile"):
+            return load_config(f)
+        return ProfileConfig.from_dict({"seed": self.cfg["seed"], **self.cfg["profile"]})
+
     def baselines(self) -> dict[str, Any]:
-        from userip.baselines import content_kmeans_baseline, save_baseline, text_profile_baseline
+        from userip.baselines import content_kmeans_baseline, history_baseline, save_baseline, text_profile_baseline
         from userip.data import load_prepared
 
         bcfg = dict(self.cfg["baselines"])
         data = load_prepared(self.out / "data")
         cards = _cardinalities(self.out / "profiles")
+        pcfg = self.profile_config()
+        same = {"behaviour": pcfg.behaviour, "title_year": pcfg.title_year}  # every source reads what profiles read
         info: dict[str, Any] = {}
+        if bcfg.pop("history", True):  # the pooled states are the profile fit's (cached): seconds, not minutes
+            f = history_baseline(data, self.llm, cards, pcfg, seed=self.cfg["seed"], progress=self.progress)
+            save_baseline(f, self.out / "baselines" / "history", overwrite=True)
+            info["history"] = f.meta
         if bcfg.pop("content_kmeans", True):
-            f = content_kmeans_baseline(data, cards, seed=self.cfg["seed"])
+            f = content_kmeans_baseline(data, cards, seed=self.cfg["seed"], **same)
             save_baseline(f, self.out / "baselines" / "content-kmeans", overwrite=True)
             info["content-kmeans"] = f.meta
         if bcfg.pop("text_profile", True):
             f = text_profile_baseline(data, self.llm, cards, seed=self.cfg["seed"],
-                                      cache_dir=self.out / "baselines" / "cache", **bcfg)
+                                      cache_dir=self.out / "baselines" / "cache", **same, **bcfg)
             save_baseline(f, self.out / "baselines" / "text-profile", overwrite=True)
             info["text-profile"] = f.meta
         return info
@@ -183,32 +199,12 @@ class Runner:
         from userip.ctr import train_ctr
 
         c = dict(self.cfg["ctr"])
-        extra_ids, extra_dense = self._baseline_features(c.pop("baseline_dense", True))
+        dirs = [self.out / "baselines" / n for n in ("history", "text-profile", "content-kmeans")
+                if (self.out / "baselines" / n).exists()]
         df = train_ctr(self.out / "data", self.out / "bank.sqlite", self.out / "profiles", out=self.out / "ctr",
-                       overwrite=True, progress=self.progress, extra_ids=extra_ids, extra_dense=extra_dense, **c)
-        return {"runs": int(len(df) // max(df["slice"].nunique(), 1))}
-
-    def _baseline_features(self, with_dense: bool):
-        from userip.baselines import load_baseline
-        from userip.data import load_prepared
-
-        n_rows = load_prepared(self.out / "data").n_users + 1
-        extra_ids: dict[str, tuple[np.ndarray, list[int]]] = {}
-        extra_dense: dict[str, np.ndarray] = {}
-        cards = _cardinalities(self.out / "profiles")
-        for name, short in (("text-profile", "text"), ("content-kmeans", "content")):
-            d = self.out / "baselines" / name
-            if not d.exists():
-                continue
-            f = load_baseline(d)
-            table = np.zeros((n_rows, len(cards)), dtype=np.int64)
-            idx = f.ids["user_idx"].to_numpy(dtype=np.int64)
-            for j, col in enumerate(cards):
-                table[idx, j] = f.ids[col].to_numpy(dtype=np.int64)
-            extra_ids[f"+{short}-ids"] = (table, list(cards.values()))
-            if with_dense and name == "text-profile":
-                extra_dense["+text-dense"] = f.dense
-        return extra_ids, extra_dense
+                       overwrite=True, progress=self.progress, baselines=dirs, **c)
+        return {"runs": int(len(df) // max(df["slice"].nunique(), 1)),
+                "winners": {k: v["winners"] for k, v in _winners(df).items()}}
 
     def probe(self) -> dict[str, Any]:
         from userip.baselines import load_baseline
@@ -221,7 +217,8 @@ class Runner:
         seed = self.cfg["seed"]
         tables = {"profile IDs": ids, "permuted IDs": permuted_ids(ids, seed),
                   "activity buckets": activity_buckets(data, id_space_size(ids), users=ids["user_idx"], seed=seed)}
-        for name, label in (("text-profile", "text-profile IDs"), ("content-kmeans", "content k-means IDs")):
+        for name, label in (("history", "history-state IDs"), ("text-profile", "text-profile IDs"),
+                            ("content-kmeans", "content k-means IDs")):
             d = self.out / "baselines" / name
             if d.exists():
                 b = load_baseline(d).ids
@@ -236,6 +233,13 @@ class Runner:
 
         paths = build_report(self.out)
         return {"files": [str(p.relative_to(self.out)) for p in paths]}
+
+
+def _winners(df: pd.DataFrame) -> dict[str, Any]:
+    from userip.ctr import winners
+
+    lifts = df.attrs.get("lifts")
+    return winners(lifts) if lifts is not None and not lifts.empty else {}
 
 
 def _cardinalities(profiles_dir: Path) -> dict[str, int]:

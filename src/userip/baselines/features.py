@@ -54,6 +54,26 @@ class BaselineFeatures:
                 f"cardinalities={self.cardinalities})")
 
 
+def describe_behaviour(profile: Mapping[str, Any], which: str = "every train interaction") -> str:
+    """What a reader of the behaviour text sees, in words, from a profile config (``behaviour``, ``title_year``,
+    ``max_tokens``): the report states it beside every source."""
+    mode = profile.get("behaviour", "sequence")
+    what = {"sequence": "titles ('Heat; Toy Story')", "rated": "rated text ('Heat: 4; Toy Story: 5')",
+            "review": "review text"}.get(mode, str(mode))
+    years = ", years dropped" if profile.get("title_year") == "drop" else ""
+    return f"{which} as {what}{years}"
+
+
+def rendered_behaviour(data, behaviour: str = "sequence", title_year: str = "keep") -> dict[int, list[str]]:
+    """Per user_idx, one rendered piece per train interaction, in time order, exactly as the profiles' windows
+    render it ('Heat: 4' for rated text, years dropped with ``title_year: drop``; a review for ``review``): a
+    window is these pieces joined by '; ', so a baseline reading them reads the same behaviour as the profiles
+    (and no more). Users without train interactions are absent."""
+    from userip.data import behaviour_windows
+
+    return behaviour_windows(data, "train", max_items=1, mode=behaviour, title_year=title_year)
+
+
 def check_cardinalities(cardinalities: Mapping[str, int]) -> dict[str, int]:
     if not isinstance(cardinalities, Mapping) or not cardinalities:
         raise UseripError("cardinalities must be a non-empty mapping {profile name: K}, e.g. {'hobby': 4}")

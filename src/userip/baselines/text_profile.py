@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from userip.baselines.features import BaselineFeatures, check_cardinalities, ids_table, quantize
+from userip.baselines.features import BaselineFeatures, check_cardinalities, describe_behaviour, ids_table, quantize
 from userip.errors import UseripError
 from userip.io import atomic_path
 
@@ -34,6 +34,15 @@ log = logging.getLogger(__name__)
 NAME = "text-profile"
 DEFAULT_PROMPT = (
     "Here are movies a user watched: {items}. "
+    "In one sentence, describe this user's tastes and background:"
+)
+# `rated` behaviour (as the profiles read it): the prompt says what the number after each title is
+RATED_PROMPT = (
+    "Here are movies a user watched, each followed by the user's rating from 1 to 5: {items}. "
+    "In one sentence, describe this user's tastes and background:"
+)
+LABEL_PROMPT = (
+    "Here are movies a user watched, each followed by 1 if the user liked it and 0 if not: {items}. "
     "In one sentence, describe this user's tastes and background:"
 )
 CACHE_FILE = "text_profiles.parquet"
@@ -65,6 +74,28 @@ def train_titles(data, *, max_items: int = 30, users: Iterable[int] | None = Non
     titles[data.items["item_idx"].to_numpy()] = data.items["title"].to_numpy(dtype=object)
     keep = sorted(hist) if users is None else _check_users(data, users, hist)
     return {u: [str(t) for t in titles[hist[u][-max_items:]]] for u in keep}
+
+
+def train_behaviour(data, *, max_items: int = 30, users: Iterable[int] | None = None, behaviour: str = "sequence",
+                    title_year: str = "keep") -> dict[int, list[str]]:
+    """user_idx -> the user's last ``max_items`` *train* interactions rendered as the profiles render them
+    ('Heat: 4' for ``rated``, titles for ``sequence`` and ``review``: a review is too long for the prompt),
+    oldest first. ``sequence`` with ``title_year: keep`` is exactly :func:`train_titles`."""
+    from userip.baselines.features import rendered_behaviour
+
+    if not isinstance(max_items, int) or max_items < 1:
+        raise UseripError(f"max_items must be an integer >= 1, got {max_items!r}")
+    pieces = rendered_behaviour(data, "sequence" if behaviour == "review" else behaviour, title_year)
+    keep = sorted(pieces) if users is None else _check_users(data, users, pieces)
+    return {u: list(pieces[u][-max_items:]) for u in keep}
+
+
+def default_prompt(data, behaviour: str = "sequence") -> str:
+    """The prompt for the rendering: rated text says what the number is (a rating, or a 0/1 label)."""
+    if behaviour != "rated":
+        return DEFAULT_PROMPT
+    has_rating = "rating" in data.interactions and data.interactions["rating"].notna().all()
+    return RATED_PROMPT if has_rating else LABEL_PROMPT
 
 
 def _check_users(data, users: Iterable[int], hist: Mapping[int, np.ndarray]) -> list[int]:
@@ -227,10 +258,15 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------------------------------------- baseline
 def generate_profiles(data, llm, *, max_items: int = 30, max_new_tokens: int = 40, batch_size: int = 16,
                       cache_dir: str | os.PathLike | None = None, users: Iterable[int] | None = None,
-                      template: str = DEFAULT_PROMPT) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Text profile per user (cached) -> (table user_idx, user_id, text, gen_seconds, cached; stats)."""
+                      template: str | None = None, behaviour: str = "sequence",
+                      title_year: str = "keep") -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Text profile per user (cached) -> (table user_idx, user_id, text, gen_seconds, cached; stats).
+
+    The prompt shows the user's last ``max_items`` train interactions rendered as the profiles render them
+    (``behaviour``, ``title_year``); ``template`` defaults to the one for that rendering."""
     data = _as_data(data)
-    hist = train_titles(data, max_items=max_items, users=users)
+    template = template or default_prompt(data, behaviour)
+    hist = train_behaviour(data, max_items=max_items, users=users, behaviour=behaviour, title_year=title_year)
     if not hist:
         raise UseripError("no user has train interactions: nothing to profile")
     user_list = sorted(hist)
@@ -300,22 +336,28 @@ def text_profile_baseline(
     cache_dir: str | os.PathLike | None = None,
     users: Iterable[int] | None = None,
     seed: int = 0,
-    template: str = DEFAULT_PROMPT,
+    template: str | None = None,
+    behaviour: str = "sequence",
+    title_year: str = "keep",
 ) -> BaselineFeatures:
     """KAR-style baseline: LLM-written profile per user -> MiniLM embedding (dense) + k-means IDs.
 
     ``data``: a PreparedData (or its directory); ``llm``: a ``userip.llm.LLM``; ``cardinalities``: profile
     name -> K, e.g. ``{"hobby": 4, "background": 3}``. Only the last ``max_items`` train interactions of each
-    user are shown to the LLM. ``users`` restricts to these dense user_idx (others get zero rows and no
-    IDs). ``cache_dir`` defaults to userip's cache dir (``$USERIP_CACHE_DIR/baselines``).
+    user are shown to the LLM, rendered as the profiles render them (``behaviour``, ``title_year``: pass the
+    profiles' ``ProfileConfig`` values, so both read the same behaviour). ``users`` restricts to these dense
+    user_idx (others get zero rows and no IDs). ``cache_dir`` defaults to userip's cache dir
+    (``$USERIP_CACHE_DIR/baselines``).
     """
     from userip.baselines.encoder import ENCODER_NAME, encode
 
     t_start = time.perf_counter()
     data = _as_data(data)
     cards = check_cardinalities(cardinalities)
+    template = template or default_prompt(data, behaviour)
     table, stats = generate_profiles(data, llm, max_items=max_items, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, cache_dir=cache_dir, users=users, template=template)
+                                     batch_size=batch_size, cache_dir=cache_dir, users=users, template=template,
+                                     behaviour=behaviour, title_year=title_year)
     t0 = time.perf_counter()
     emb = encode(table["text"].tolist())
     t_enc = time.perf_counter() - t0
@@ -323,6 +365,7 @@ def text_profile_baseline(
     ids, codes = quantize(emb, cards, seed=seed)
     t_km = time.perf_counter() - t0
     users_arr = table["user_idx"].to_numpy(dtype=np.int64)
+    meta_r = {"behaviour": behaviour, "title_year": title_year}
     dense = np.zeros((data.n_users + 1, emb.shape[1]), dtype=np.float32)
     dense[users_arr] = emb
     total = time.perf_counter() - t_start
@@ -342,6 +385,10 @@ def text_profile_baseline(
         "seconds_per_user": total / len(users_arr),
         "data_fingerprint": data.fingerprint,
         "splits_used": ["train"],
+        "behaviour": behaviour,
+        "title_year": title_year,
+        "reads": f"{describe_behaviour(meta_r, f'the last {max_items} train interactions')} -> {stats['model']} "
+                 f"writes a profile (<= {max_new_tokens} tokens) -> {ENCODER_NAME}",
     }
     return BaselineFeatures(name=NAME, ids=ids_table(data, users_arr, ids), dense=dense, meta=meta,
                             texts=table.drop(columns=["cached"]), codebooks=codes)

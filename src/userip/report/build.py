@@ -28,16 +28,8 @@ def headline(run_dir: str | Path) -> list[str]:
     if metrics and metrics.get("final", {}).get("heldout"):
         lines.append(profile_headline(metrics))
     res = _read(run_dir / "ctr" / "results.json")
-    if res and res.get("runs"):
-        from userip.ctr.table import lift_frame
-
-        runs = pd.DataFrame(res["runs"])
-        lf = lift_frame(runs[runs["slice"] == "all"], controls=("base", "+ids-permuted"))
-        for _, r in lf.iterrows():
-            lines.append(
-                f"**CTR {r['backbone']} {r['setting']}**: +ids vs {r['control']}: ΔAUC {r['d_auc']:+.4f} "
-                f"[{r['d_auc_low']:+.4f}, {r['d_auc_high']:+.4f}] → {r['verdict']}"
-            )
+    if res and res.get("summary"):  # written with the paired lifts: the CTR verdict, stated with its controls
+        lines += [f"CTR: {s}" for s in res["summary"]]
     return lines
 
 
@@ -110,8 +102,10 @@ def build_report(run_dir: str | Path) -> list[Path]:
     res = _read(run_dir / "ctr" / "results.json")
     md = _read(run_dir / "ctr" / "results.md")
     if res and res.get("runs"):
-        runs = pd.DataFrame(res["runs"])
-        parts += ["## CTR", "", _img(plots.ctr_auc(runs, pdir / "ctr_auc.png"), run_dir, "CTR AUC"), ""]
+        parts += ["## CTR", ""]
+        if res.get("lifts"):
+            lifts = pd.DataFrame(res["lifts"]).astype({k: float for k in ("d_auc", "d_auc_low", "d_auc_high")})
+            parts += [_img(plots.ctr_forest(lifts, pdir / "ctr_forest.png"), run_dir, "CTR paired lifts"), ""]
         if md:
             parts += [_demote(md), ""]
 

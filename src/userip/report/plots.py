@@ -56,21 +56,53 @@ def code_usage(codes: dict[str, dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def ctr_auc(runs: pd.DataFrame, path: Path) -> Path:
-    """Mean test AUC (all users) per variant with seed std, one panel per setting, a bar group per backbone."""
-    r = runs[runs["slice"] == "all"]
-    settings = list(dict.fromkeys(r["setting"]))
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.4), squeeze=False)
-    for ax, setting in zip(axes[0], settings, strict=True):
-        s = r[r["setting"] == setting].groupby(["backbone", "variant"], sort=False)["auc"].agg(["mean", "std"])
-        table = s["mean"].unstack("variant")
-        err = s["std"].unstack("variant").fillna(0)
-        table.plot.bar(ax=ax, yerr=err, capsize=2, width=0.85)
-        lo = float(table.min().min())
-        ax.set_ylim(lo - 0.01, float(table.max().max()) + 0.01)
-        ax.set(title=f"test AUC, {setting}", ylabel="AUC", xlabel="")
-        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))
-        ax.tick_params(axis="x", rotation=0)
+def ctr_forest(lifts: pd.DataFrame, path: Path) -> Path:
+    """Forest plot of the paired lifts: per setting (rows) and slice (columns), each source x backbone with its
+    ΔAUC over base (its reference) and over its permuted twin, 95% bootstrap intervals, a line at 0.
+
+    Why not AUC bars: the differences that decide anything are a tenth of the seed spread of raw AUC on a cut
+    axis; plotting the paired difference with its interval shows at a glance which lifts exclude 0.
+    """
+    from userip.ctr import variants as V
+    from userip.ctr.table import DISPLAY_ORDER, SETTINGS_ORDER, SLICES_ORDER, _order
+
+    settings = _order(lifts["setting"], SETTINGS_ORDER)
+    slices = _order(lifts["slice"], SLICES_ORDER)
+    shown = [v for v in _order(lifts["variant"], DISPLAY_ORDER) if V.role(v) in ("source", "control")]
+    backbones = _order(lifts["backbone"], [])
+    labels = [(v, b) for v in shown for b in backbones]
+    height = 1.6 + 0.22 * max(len(labels), 1)
+    fig, axes = plt.subplots(len(settings), len(slices), figsize=(6.2 * len(slices), height * len(settings)),
+                             squeeze=False)
+    idx = lifts.set_index(["variant", "control", "backbone", "setting", "slice"])
+    styles = (("reference", "o", "C0", "over base (its reference)"), ("twin", "s", "C3", "over its permuted twin"))
+    for i, setting in enumerate(settings):
+        for j, sl in enumerate(slices):
+            ax = axes[i][j]
+            for k, (kind, marker, color, label) in enumerate(styles):
+                ys, xs, lo, hi = [], [], [], []
+                for row, (v, b) in enumerate(labels):
+                    control = V.twin(v) if kind == "twin" else (V.BASE if V.role(v) == "control" else V.reference(v))
+                    key = (v, control, b, setting, sl)
+                    if control is None or key not in idx.index:
+                        continue
+                    r = idx.loc[key]
+                    ys.append(row + (0.18 if k else -0.18))
+                    xs.append(r["d_auc"])
+                    lo.append(r["d_auc"] - r["d_auc_low"] if r["d_auc_low"] == r["d_auc_low"] else 0)
+                    hi.append(r["d_auc_high"] - r["d_auc"] if r["d_auc_high"] == r["d_auc_high"] else 0)
+                if xs:
+                    ax.errorbar(xs, ys, xerr=[lo, hi], fmt=marker, color=color, ms=4, capsize=2, lw=1, label=label)
+            ax.axvline(0, color="grey", lw=0.8)
+            for row in range(1, len(labels)):
+                if labels[row][0] != labels[row - 1][0]:
+                    ax.axhline(row - 0.5, color="#ddd", lw=0.6)
+            ax.set_yticks(range(len(labels)))
+            ax.set_yticklabels([f"{v}  {b}" for v, b in labels], fontsize=7)
+            ax.invert_yaxis()
+            ax.set(title=f"{setting}, {sl} users", xlabel="ΔAUC (95% paired bootstrap interval)")
+            if i == len(settings) - 1:  # one legend under the bottom row, never over the intervals
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     return _save(fig, path)
 
 
