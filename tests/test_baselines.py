@@ -274,3 +274,112 @@ def test_save_load_roundtrip_and_bank(data, llm, tmp_path: Path):
 
     with pytest.raises(UseripError, match="not found"):
         load_baseline(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------- same behaviour
+RATED = {"behaviour": "rated", "title_year": "drop", "max_tokens": 48}
+
+
+def _train_rows(data: PreparedData, u: int) -> pd.DataFrame:
+    inter = data.interactions
+    return inter[(inter["split"] == "train") & (inter["user_idx"] == u)]
+
+
+def _rated_pieces(data: PreparedData, rows: pd.DataFrame) -> list[str]:
+    """'Title: rating' with the year dropped, written out here independently of the renderer."""
+    from userip.data.text import strip_year
+
+    titles = dict(zip(data.items["item_idx"], data.items["title"], strict=True))
+    return [f"{strip_year(titles[i])}: {r:g}" for i, r in zip(rows["item_idx"], rows["rating"], strict=True)]
+
+
+def test_baselines_read_the_profiles_rated_rendering(data, llm):
+    from userip.baselines import RATED_PROMPT, train_behaviour
+    from userip.baselines.text_profile import default_prompt
+
+    got = train_behaviour(data, max_items=3, behaviour="rated", title_year="drop")
+    assert sorted(got) == train_users(data)
+    for u, pieces in got.items():
+        assert pieces == _rated_pieces(data, _train_rows(data, u).tail(3))
+        assert all("(19" not in p for p in pieces)  # years dropped, as the profiles read them
+    assert train_behaviour(data, max_items=3) == train_titles(data, max_items=3)  # titles stay the default
+    assert default_prompt(data, "rated") == RATED_PROMPT and "rating from 1 to 5" in RATED_PROMPT
+    assert "Movie" in render_prompt(llm.tokenizer, got[train_users(data)[-1]], RATED_PROMPT)
+
+
+@needs_encoder
+def test_content_and_text_baselines_embed_the_rated_pieces(data, llm, tmp_path):
+    from userip.baselines import encode
+
+    f = content_kmeans_baseline(data, CARDS, behaviour="rated", title_year="drop")
+    u = train_users(data)[-1]
+    np.testing.assert_allclose(f.dense[u], encode(_rated_pieces(data, _train_rows(data, u))).mean(axis=0), atol=1e-5)
+    assert "rated text" in f.meta["reads"] and f.meta["behaviour"] == "rated"
+    assert not np.allclose(f.dense, content_kmeans_baseline(data, CARDS).dense)  # the ratings are read
+    t = text_profile_baseline(data, llm, CARDS, cache_dir=tmp_path, behaviour="rated", title_year="drop", **FAST)
+    assert "the last 5 train interactions as rated text" in t.meta["reads"]
+    assert t.meta["template"].startswith("Here are movies a user watched, each followed by the user's rating")
+
+
+def _expected_history(data, llm, cfg: dict):
+    """What the amortised encoder reads (z_u), computed the long way from the profile module's own parts."""
+    import torch
+
+    from userip.profile import ProfileConfig
+    from userip.profile.api import build_corpus
+    from userip.profile.pooled import PooledStates
+
+    pc = ProfileConfig.from_dict(cfg)
+    corpus = build_corpus(data, llm.tokenizer, pc)
+    states = PooledStates(llm, pc.pool, pc.pool_batch, cache=None).get(corpus.train, marks=corpus.train_marks)
+    users = sorted(states)
+    means = torch.stack([states[u].mean(0) for u in users])
+    return users, ((means - means.mean(0)) / means.std(0).clamp(min=1e-6)).numpy()
+
+
+def test_history_baseline_is_the_standardised_pooled_state_of_the_profiles_windows(data, llm, tmp_path,
+                                                                                   monkeypatch):
+    from userip.baselines import history_baseline
+    from userip.profile import pooled
+
+    users, want = _expected_history(data, llm, RATED)
+    calls = {"n": 0}
+    orig = pooled.pool_windows
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(pooled, "pool_windows", counted)
+    cache = tmp_path / "pooled.safetensors"
+    f = history_baseline(data, llm, CARDS, RATED, cache=cache)
+    assert calls["n"] == 1 and cache.is_file()
+    assert list(f.ids["user_idx"]) == users == train_users(data)
+    np.testing.assert_allclose(f.dense[users], want, rtol=1e-4, atol=1e-4)
+    assert not f.dense[0].any() and f.dense.shape == (data.n_users + 1, llm.hidden_size)
+    for name, k in CARDS.items():
+        assert f.ids[name].between(1, k).all()
+    assert "every train window as rated text ('Heat: 4; Toy Story: 5'), years dropped" in f.meta["reads"]
+    assert "mean-pooled" in f.meta["reads"] and f.meta["splits_used"] == ["train"]
+
+    # the same content again: served from the cache the profile fit shares, no LLM pass
+    g = history_baseline(data, llm, CARDS, RATED, cache=cache)
+    assert calls["n"] == 1
+    np.testing.assert_array_equal(f.dense, g.dense)
+    pd.testing.assert_frame_equal(f.ids, g.ids)
+    # held-out interactions are never read; another rendering is another input
+    h = history_baseline(with_changes(data, heldout_items=1), llm, CARDS, RATED, cache=None)
+    np.testing.assert_allclose(h.dense, f.dense, rtol=1e-5, atol=1e-5)
+    titles_only = history_baseline(data, llm, CARDS, {**RATED, "behaviour": "sequence"}, cache=None)
+    assert not np.allclose(titles_only.dense, f.dense)
+
+
+def test_history_baseline_follows_the_profiles_pooling(data, llm):
+    from userip.baselines import history_baseline
+
+    users, want = _expected_history(data, llm, {**RATED, "pool": "rating"})
+    f = history_baseline(data, llm, CARDS, {**RATED, "pool": "rating"}, cache=None)
+    np.testing.assert_allclose(f.dense[users], want, rtol=1e-4, atol=1e-4)
+    assert "rating-pooled" in f.meta["reads"]
+    with pytest.raises(UseripError, match="pool 'rating' needs behaviour: rated"):
+        history_baseline(data, llm, CARDS, {"pool": "rating"}, cache=None)
