@@ -235,3 +235,55 @@ def test_unseen_eval_users_are_never_trained_on(llm, tmp_path):
     f._targets = lambda users, g: seen.extend(users) or orig(users, g)
     f.train_epoch(torch.Generator().manual_seed(0), 1, False)
     assert len(f.eval_users) == 6 and seen and not set(seen) & set(f.eval_users.tolist())
+
+
+def test_rating_pooling_reads_the_states_at_the_rating_tokens(llm, tmp_path):
+    corpus = planted(llm.tokenizer, n_users=4)
+    u = 1
+    wins, marks = corpus.train[u], corpus.train_marks[u]
+    assert [len(m) for m in marks] == [len(w) for w in wins] and all(any(m) for m in marks)
+    got = pool_windows(llm, wins, "rating", marks=marks)
+    # by hand: the last hidden state of [BOS] + window, averaged over the marked (rating) positions only
+    bos = [int(llm.tokenizer.bos_token_id)] if llm.tokenizer.bos_token_id is not None else []
+    ids = torch.tensor([bos + wins[0]])
+    h = llm.model.model(input_ids=ids).last_hidden_state[0, len(bos):].float()
+    ref = h[torch.tensor(marks[0])].mean(0)
+    assert torch.allclose(got[0], ref, atol=1e-4)
+    assert not torch.allclose(got[0], pool_windows(llm, wins[:1])[0], atol=1e-3)  # differs from the mean
+    # a window without rating tokens falls back to the mean over its tokens
+    none = pool_windows(llm, wins[:1], "rating", marks=[[False] * len(wins[0])])
+    assert torch.allclose(none[0], pool_windows(llm, wins[:1])[0], atol=1e-5)
+    with pytest.raises(ValueError, match="marks"):
+        pool_windows(llm, wins, "rating")
+    # the fitter passes the marks through, and refuses text without ratings
+    f = AmortisedFitter(llm, cfg(pool="rating"), corpus, None,
+                        states=PooledStates(llm, "rating", cache=tmp_path / "r.safetensors"))
+    assert torch.allclose(f.states[u][0], got[0], atol=1e-4)
+    plain = Corpus(corpus.train, corpus.heldout, corpus.n_users, corpus.activity)
+    from userip.errors import UseripError
+
+    with pytest.raises(UseripError, match="rated"):
+        AmortisedFitter(llm, cfg(pool="rating"), plain, None, states=PooledStates(llm, "rating", cache=None))
+
+
+def test_rating_weight_counts_the_rating_tokens_that_many_times(llm, tmp_path):
+    corpus = planted(llm.tokenizer, n_users=4)
+    states = PooledStates(llm, cache=tmp_path / "w.safetensors")
+    plain = AmortisedFitter(llm, cfg(), corpus, None, states=states)
+    heavy = AmortisedFitter(llm, cfg(rating_weight=4.0), corpus, None, states=states)
+    users, target = [1, 2, 3], [0, 1, 2]
+    theta = plain.shared_param.detach()[None].expand(3, -1, -1, -1)
+    with torch.no_grad():
+        sums, counts, loss = plain.row_loss(theta, users, target)
+        s2, c2, weighted = heavy.row_loss(theta, users, target)
+        # by hand, from the same token NLLs: rating tokens 4x in numerator and denominator
+        batch_rows = [corpus.train[u][t] for u, t in zip(users, target, strict=True)]
+        marks = ev.marks_tensor([corpus.train_marks[u][t] for u, t in zip(users, target, strict=True)])
+        from userip.profile.template import make_batch
+
+        _, _, msums, mcounts = plain.scorer.row_nll_marked(theta, make_batch(batch_rows), marks)
+    assert torch.allclose(sums, s2) and torch.equal(counts, c2)
+    assert torch.allclose(loss, sums / counts)
+    assert (mcounts > 0).all()
+    assert torch.allclose(weighted, (sums + 3 * msums) / (counts + 3 * mcounts), atol=1e-6)
+    assert not torch.allclose(weighted, loss)

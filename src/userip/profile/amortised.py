@@ -26,6 +26,7 @@ from userip.errors import UseripError
 from userip.monitor import release_memory
 from userip.profile.config import ProfileConfig
 from userip.profile.corpus import Corpus
+from userip.profile.evaluate import marks_tensor
 from userip.profile.fitter import Fitter
 from userip.profile.pooled import PooledStates
 from userip.profile.template import make_batch
@@ -65,7 +66,12 @@ class AmortisedFitter(Fitter):
         # the encoder reads (and trains on) each user's most recent windows: bounds a new user's cost
         cap = cfg.history_windows
         self.windows = {u: (w[-cap:] if cap else w) for u, w in corpus.train.items()}
-        self.states = self.pooled.get(self.windows, progress=progress)
+        marks = {u: (m[-cap:] if cap else m) for u, m in corpus.train_marks.items()}
+        if (cfg.pool == "rating" or cfg.rating_weight != 1.0) and not marks:
+            raise UseripError("profile.pool 'rating' and rating_weight need behaviour: rated (the text must hold "
+                              "the ratings)")
+        self.rating_marks = marks if cfg.rating_weight != 1.0 else None
+        self.states = self.pooled.get(self.windows, progress=progress, marks=marks)
         self.sums = {u: s.sum(0) for u, s in self.states.items()}
         means = torch.stack([self.sums[u] / len(self.states[u]) for u in sorted(self.states)])
         self.h_mean = means.mean(0)
@@ -154,13 +160,12 @@ class AmortisedFitter(Fitter):
             target = self._targets(users, g)
             z = self.features(users, target)
             which = self._train_maps(users, g)
-            rows = [self.windows[u][t] for u, t in zip(users, target, strict=True)]
             self.opt.zero_grad(set_to_none=True)
             mb = cfg.micro_batch or len(users)
             for s in range(0, len(users), mb):
                 theta = self.shared_param + self.personal(z[s : s + mb], which[s : s + mb])
-                sums, counts = self.scorer.row_nll(theta, make_batch(rows[s : s + mb]))
-                ((sums / counts).sum() / len(users)).backward()
+                sums, counts, loss = self.row_loss(theta, users[s : s + mb], target[s : s + mb])
+                (loss.sum() / len(users)).backward()
                 nll_sum += float(sums.detach().sum())
                 tok_sum += float(counts.sum())
             self.opt.step()
@@ -169,6 +174,20 @@ class AmortisedFitter(Fitter):
                 release_memory()
         self.materialise(self.users)
         return nll_sum, tok_sum
+
+    def row_loss(self, theta: torch.Tensor, users: list[int], target: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(NLL sums, token counts, training loss) per row for ``users``' target windows: the mean NLL per
+        token, with rating tokens counted ``rating_weight`` times when it is not 1."""
+        rows = [self.windows[u][t] for u, t in zip(users, target, strict=True)]
+        batch = make_batch(rows)
+        if self.rating_marks is None:
+            sums, counts = self.scorer.row_nll(theta, batch)
+            return sums, counts, sums / counts
+        marks = marks_tensor([self.rating_marks[u][t] for u, t in zip(users, target, strict=True)])
+        sums, counts, msums, mcounts = self.scorer.row_nll_marked(theta, batch, marks)
+        w = self.cfg.rating_weight - 1.0
+        return sums, counts, (sums + w * msums) / (counts + w * mcounts.to(counts.device))
 
     @torch.no_grad()
     def materialise(self, users: torch.Tensor, new: bool = False) -> None:

@@ -197,14 +197,17 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path | Any, user_id
     full = build_corpus(mine, llm.tokenizer, cfg.replace(max_users=0))
     fitted = read_ids(profiles_dir)
     n_old = int(fitted["user_idx"].max()) if len(fitted) else 0
-    train, rows = {}, []
+    train, marks, rows = {}, {}, []
     for i, (uid, u) in enumerate(zip(user_ids, idx.tolist(), strict=True)):
         if u not in full.train:
             raise UseripError(f"{data_dir}: user {uid} has no train-split behaviour to infer a profile from")
         row = n_old + 1 + i  # new rows after the fitted ones: dense indices of another export may differ
         train[row] = full.train[u]
+        if u in full.train_marks:
+            marks[row] = full.train_marks[u]
         rows.append(row)
-    corpus = Corpus(train, {}, n_old + len(rows), np.zeros(n_old + len(rows) + 1, dtype=np.int64))
+    corpus = Corpus(train, {}, n_old + len(rows), np.zeros(n_old + len(rows) + 1, dtype=np.int64),
+                    train_marks=marks)
     fitter = make_fitter(llm, cfg, corpus, None, pooled_cache=pooled_cache)
     fitter.load_fitted(profiles_dir)
     z = fitter.infer(torch.tensor(rows), progress=progress)

@@ -76,7 +76,10 @@ class ProfileConfig:
     rank: int = 32
     lr_map: float = 1e-3
     target: str = "loo"  # loo: a window the encoder did not read | forecast: the next window from earlier ones
-    pool: str = "mean"  # per-window pooling of the LLM's last hidden state: mean | last (token)
+    pool: str = "mean"  # per-window pooling of the LLM's last hidden state: mean | last (token) | rating (tokens)
+    # amortised: weight of the rating tokens in the training loss ('rated' text; 1 = every token alike). The
+    # in-context ceiling's personal gain is almost all on rating tokens, while title tokens dominate the loss
+    rating_weight: float = 1.0
     steps_per_epoch: int = 0  # 0 = one pass over the users
     history_windows: int = 0  # the encoder reads each user's last N train windows (0 = all)
     # amortised: train on the other users only, so evaluation measures how the map generalises to a user it
@@ -116,7 +119,7 @@ class ProfileConfig:
         choices = {"mode": ("em", "joint"), "table": ("residual", "plain"), "init": ("text", "uniform"),
                    "mask": ("profile", "causal"), "behaviour": ("sequence", "rated", "review"),
                    "title_year": ("keep", "drop"), "inference": INFERENCE_MODES, "target": ("loo", "forecast"),
-                   "pool": ("mean", "last"), "eval_each_epoch": ("select", "full")}
+                   "pool": ("mean", "last", "rating"), "eval_each_epoch": ("select", "full")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UseripError(f"config.{key}: '{getattr(self, key)}' is not one of {', '.join(allowed)}")

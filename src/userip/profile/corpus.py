@@ -17,6 +17,7 @@ class Corpus:
 
     For evaluation it may also hold, per held-out window, its item count and which tokens are the user's
     rating ('rated' text), and per user the ceiling's in-context history (token ids of the last N train items).
+    ``train_marks`` marks the rating tokens of train windows ('rated' text), for ``pool: rating``.
     """
 
     train: dict[int, list[list[int]]]
@@ -26,6 +27,7 @@ class Corpus:
     heldout_items: dict[int, list[int]] = field(default_factory=dict)
     heldout_marks: dict[int, list[list[bool]]] = field(default_factory=dict)
     context: dict[int, list[int]] = field(default_factory=dict)
+    train_marks: dict[int, list[list[bool]]] = field(default_factory=dict)
 
     @classmethod
     def from_text(cls, tokenizer, train: dict[int, list[str]], heldout: dict[int, list[str]], n_users: int,
@@ -41,6 +43,10 @@ class Corpus:
             return out
 
         corpus = cls(enc(train), enc(heldout), n_users, np.asarray(activity))
+        if rated:  # the encoder may pool at the rating tokens of a user's train windows
+            for u, wins in train.items():
+                if int(u) in corpus.train:
+                    corpus.train_marks[int(u)] = [rating_marks(tokenizer, w, max_tokens) for w in wins if w.strip()]
         for u, wins in heldout.items():
             if int(u) not in corpus.heldout:
                 continue

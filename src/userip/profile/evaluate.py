@@ -82,7 +82,8 @@ def heldout_rows(corpus, users: list[int], cap: int) -> tuple[list[list[int]], l
     return rows, owner, marks
 
 
-def _marks_tensor(marks: list[list[bool]]) -> torch.Tensor:
+def marks_tensor(marks: list[list[bool]]) -> torch.Tensor:
+    """[N, T] bool: ragged per-row token marks, right-padded with False."""
     T = max((len(m) for m in marks), default=0)
     out = torch.zeros(len(marks), T, dtype=torch.bool)
     for i, m in enumerate(marks):
@@ -116,7 +117,7 @@ def score_variants(scorer, corpus, users: list[int], variants: dict[str, torch.T
             continue
         owner_t = torch.tensor(owner) + s
         theta = torch.cat([variants[k][owner_t] for k in names])
-        mk = _marks_tensor(marks * len(names))
+        mk = marks_tensor(marks * len(names))
         out.add(names, owner_t.numpy(), *scorer.row_nll_marked(theta, make_batch(rows * len(names)), mk))
     return out
 
@@ -143,7 +144,7 @@ def score_ceiling(llm, corpus, users: list[int], other: list[int], cap: int, bat
                 ctx = bos + corpus.context.get(users[o] if j == 0 else other[o], [])
                 seqs.append(ctx + r)
                 starts.append(len(ctx))
-        out.add(names, np.asarray(owner), *context_nll(llm, seqs, starts, _marks_tensor(marks * 2), ce_chunk))
+        out.add(names, np.asarray(owner), *context_nll(llm, seqs, starts, marks_tensor(marks * 2), ce_chunk))
     return out
 
 

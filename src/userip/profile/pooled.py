@@ -1,10 +1,13 @@
 """Pooled history states: the frozen LLM's last hidden state, pooled over each behaviour window of a user.
 
 One no-grad forward per window (``[BOS] + window tokens``, no prompt), pooled by the mean over the window's
-tokens or at its last token. The amortised profile encoder reads these; the CTR history baselines reuse them
-(one module owns them). Computing them is the expensive part, so they are cached on disk, content-addressed:
-a user's entry is keyed by a digest of the LLM's identity, the pooling, and the user's window token ids, so a
-change of data, text rendering or model recomputes exactly the users it touches, and nothing stale is read.
+tokens, at its last token, or by the mean over its rating tokens (``rating``: 'rated' text, where the state
+after reading "Title: 4" holds the reaction; mean-pooled states are dominated by which titles were watched,
+so a user's rating habit sits in a direction a low-rank map finds slowly). The amortised profile encoder
+reads these; the CTR history baselines reuse them (one module owns them). Computing them is the expensive
+part, so they are cached on disk, content-addressed: a user's entry is keyed by a digest of the LLM's
+identity, the pooling, and the user's window token ids, so a change of data, text rendering or model
+recomputes exactly the users it touches, and nothing stale is read.
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ def user_digest(windows: list[list[int]]) -> bytes:
 
 @torch.no_grad()
 def pool_windows(llm, windows: list[list[int]], pool: str = "mean", batch_size: int = 32,
-                 progress: bool = False) -> torch.Tensor:
-    """[N, H] fp32 pooled last hidden states of ``windows`` (token id lists), batched by length."""
+                 progress: bool = False, marks: list[list[bool]] | None = None) -> torch.Tensor:
+    """[N, H] fp32 pooled last hidden states of ``windows`` (token id lists), batched by length. ``pool:
+    rating`` averages over the tokens ``marks`` flags (a window with none falls back to the mean)."""
+    if pool == "rating" and (marks is None or len(marks) != len(windows)):
+        raise ValueError("pool 'rating' needs the rating-token marks of every window ('rated' behaviour text)")
     H = llm.hidden_size
     out = torch.zeros(len(windows), H)
     if not windows:
@@ -65,8 +71,14 @@ def pool_windows(llm, windows: list[list[int]], pool: str = "mean", batch_size: 
         h = h.float().cpu()
         if pool == "last":
             pooled = h[torch.arange(len(seqs)), lengths - 1]
-        else:  # mean over the window's own tokens (BOS excluded)
+        else:  # mean over the window's own tokens (BOS excluded), or over its rating tokens
             keep = ((pos >= len(bos)) & (pos < lengths[:, None])).float()
+            if pool == "rating":
+                flag = torch.zeros_like(keep)
+                for r, i in enumerate(idx):
+                    m = torch.tensor(marks[i][: len(windows[i])], dtype=torch.float32)
+                    flag[r, len(bos) : len(bos) + len(m)] = m
+                keep = torch.where(flag.sum(1, keepdim=True) > 0, flag, keep)
             pooled = (h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
         out[torch.as_tensor(idx)] = pooled
     return out
@@ -107,15 +119,18 @@ class PooledStates:
         with atomic_path(self.path) as tmp:
             save_file(tensors, str(tmp), metadata={"key": self.key, "pool": self.pool})
 
-    def get(self, windows: dict[int, list[list[int]]], progress: bool = False) -> dict[int, torch.Tensor]:
-        """States for every user of ``windows``; pools (and caches) only users whose content is new."""
+    def get(self, windows: dict[int, list[list[int]]], progress: bool = False,
+            marks: dict[int, list[list[bool]]] | None = None) -> dict[int, torch.Tensor]:
+        """States for every user of ``windows``; pools (and caches) only users whose content is new. ``marks``
+        (per user, per window) are needed by ``pool: rating``; they follow from the tokens, so the key holds."""
         cached = self._load()
         digest = {u: user_digest(w) for u, w in windows.items()}
         todo = [u for u in sorted(windows) if digest[u] not in cached]
         if todo:
             flat = [w for u in todo for w in windows[u]]
+            flat_marks = [m for u in todo for m in marks[u]] if (marks and self.pool == "rating") else None
             log.info("pooling %d windows of %d users (%d users cached)", len(flat), len(todo), len(windows) - len(todo))
-            states = pool_windows(self.llm, flat, self.pool, self.batch_size, progress)
+            states = pool_windows(self.llm, flat, self.pool, self.batch_size, progress, marks=flat_marks)
             i = 0
             for u in todo:
                 n = len(windows[u])
