@@ -47,6 +47,9 @@ def test_weighted_auc_and_logloss_match_sklearn_with_ties_and_weights():
     got = weighted_auc(y, p, w)
     want = [roc_auc_score(y, p, sample_weight=row) for row in w]
     np.testing.assert_allclose(got, want, rtol=1e-6)
+    smooth = p + rng.normal(0, 1e-3, 300)  # no ties: the one-gather path
+    np.testing.assert_allclose(weighted_auc(y, smooth, w), [roc_auc_score(y, smooth, sample_weight=r) for r in w],
+                               rtol=1e-6)
     np.testing.assert_allclose(weighted_logloss(y, p, w), [log_loss(y, p, sample_weight=row) for row in w],
                                rtol=1e-9)
     assert math.isnan(weighted_auc(np.ones(4), np.arange(4.0), np.ones((1, 4)))[0])  # one class: undefined

@@ -155,7 +155,7 @@ def _subset(reps: stats.Replicates, cols: list[int]) -> stats.Replicates:
     if not w.any(axis=1).all():  # a replicate that drew none of these seeds: redraw among them, seeded by cols
         g = np.random.default_rng(len(cols) * 7919 + sum(cols))
         w = g.multinomial(len(cols), np.full(len(cols), 1.0 / len(cols)), size=len(w)).astype(np.float64)
-    return stats.Replicates(reps.row_weights, w, reps.n_users)
+    return stats.Replicates(reps.user_counts, reps.row_user, w)
 
 
 # ------------------------------------------------------------------ headline
