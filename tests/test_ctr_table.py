@@ -204,3 +204,12 @@ def test_predictions_roundtrip(tmp_path):
     np.testing.assert_array_equal(back.slices["cold"], tp.slices["cold"])
     with pytest.raises(ValueError, match="3 predictions for 30 test rows"):
         tp.add("dcn", "no_user_id", "base", 0, np.zeros(3))
+
+
+def test_an_empty_slice_is_skipped_not_reported_as_noise():
+    rng, user, signal, y = _world(n_users=20, rows=5)
+    tp = TestPredictions(y, user, {"all": np.ones(len(y), dtype=bool), "cold": np.zeros(len(y), dtype=bool)})
+    for v in ("base", "+ids"):
+        tp.add("dcn", "no_user_id", v, 0, _sig(signal + rng.normal(size=len(y))))
+    lifts = lift_frame(tp, n_boot=50)
+    assert list(lifts["slice"]) == ["all"] and list(lifts["control"]) == ["base"]

@@ -75,7 +75,8 @@ def _logloss(y: np.ndarray, p: np.ndarray, table: np.ndarray, index: np.ndarray)
     per_unit = np.bincount(index, weights=loss, minlength=k)
     rows = np.bincount(index, minlength=k).astype(np.float64)
     t = table.astype(np.float64)
-    return (t @ per_unit) / (t @ rows)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a replicate without rows: NaN, as for AUC
+        return (t @ per_unit) / (t @ rows)
 
 
 @dataclass

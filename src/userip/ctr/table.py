@@ -101,6 +101,8 @@ def lift_frame(tp: TestPredictions, n_boot: int = BOOTSTRAP, seed: int = 0) -> p
     rows: list[dict] = []
     for sl in _order(tp.slices, SLICES_ORDER):
         mask = np.asarray(tp.slices[sl], dtype=bool)
+        if not mask.any():  # e.g. no cold user among the test rows: nothing to compare on this slice
+            continue
         reps = stats.draw_replicates(tp.user[mask], len(all_seeds), n_boot, rng)
         for (backbone, setting), by_variant in groups.items():
             group = _Group(tp, backbone, setting, mask, reps, all_seeds)
