@@ -287,3 +287,34 @@ def test_rating_weight_counts_the_rating_tokens_that_many_times(llm, tmp_path):
     assert (mcounts > 0).all()
     assert torch.allclose(weighted, (sums + 3 * msums) / (counts + 3 * mcounts), atol=1e-6)
     assert not torch.allclose(weighted, loss)
+
+
+def test_pca_features_are_whitened_components_and_still_learn_the_groups(llm, tmp_path):
+    from sklearn.metrics import adjusted_rand_score
+
+    from userip.errors import UseripError
+
+    corpus = planted(llm.tokenizer)
+    f = AmortisedFitter(llm, cfg(pca=4, pool="rating"), corpus, None,
+                        states=PooledStates(llm, "rating", cache=tmp_path / "p.safetensors"))
+    z = f.features(sorted(corpus.train))
+    assert z.shape == (32, 4) and f.map.B[0].shape == (4, 4)
+    assert torch.allclose(z.std(0), torch.ones(4), atol=1e-3)  # whitened: unit variance per component
+    assert torch.allclose(z.T @ z / 31, torch.eye(4), atol=1e-3)  # and uncorrelated
+    f.fit(progress=False)
+    groups = np.array([u % 2 for u in range(1, 33)])
+    ids = f.assignments()[1:].numpy()
+    assert max(adjusted_rand_score(groups, ids[:, k]) for k in range(2)) > 0.6
+    assert "map.basis" in f.output_tensors()
+    # a new-user fitter (two users: too few to estimate components) reads the saved basis and agrees
+    two = Corpus({u: corpus.train[u] for u in (1, 2)}, {}, corpus.n_users, corpus.activity,
+                 train_marks={u: corpus.train_marks[u] for u in (1, 2)})
+    h = AmortisedFitter(llm, cfg(pca=4, pool="rating"), two, None,
+                        states=PooledStates(llm, "rating", cache=tmp_path / "p.safetensors"))
+    h.load_map_state(f.output_tensors())
+    assert torch.allclose(h.features([1, 2]), f.features([1, 2]), atol=1e-5)
+    # too few users to estimate the components: a clear error, not a silent zero feature
+    few = planted(llm.tokenizer, n_users=4)
+    g = AmortisedFitter(llm, cfg(pca=8), few, None, states=PooledStates(llm, cache=tmp_path / "q.safetensors"))
+    with pytest.raises(UseripError, match="pca 8"):
+        g.fit(progress=False)

@@ -1,6 +1,7 @@
 """Amortised inference: soft profiles read off the user's history by a shared map, trained by the likelihood.
 
     z_u          = (mean over the user's train windows of the frozen LLM's pooled state - population mean) / std
+                   (``pca: N``: then its top N principal components, whitened)
     theta_{u,k}  = shared_k + A_k B_k z_u                      (rank r; A_k = 0 at init, so training starts
                                                                 at the population prompt)
 
@@ -34,18 +35,18 @@ from userip.quantize import assign, prepare_for_codes
 
 
 class HistoryMap(torch.nn.Module):
-    """Per profile k, a rank-r map from the standardised history state z [H_in] to its soft tokens [n_k, H]."""
+    """Per profile k, a rank-r map from the standardised history state z [d] to its soft tokens [n_k, H]."""
 
-    def __init__(self, cfg: ProfileConfig, hidden: int, generator: torch.Generator) -> None:
+    def __init__(self, cfg: ProfileConfig, hidden: int, generator: torch.Generator, in_dim: int | None = None) -> None:
         super().__init__()
         self.n = max(p.n_tokens for p in cfg.profiles)
         self.n_tokens = [p.n_tokens for p in cfg.profiles]
         self.hidden = hidden
-        r = cfg.rank
+        r, d = cfg.rank, in_dim or hidden
         self.A = torch.nn.ParameterList(
             [torch.nn.Parameter(torch.zeros(n_k * hidden, r)) for n_k in self.n_tokens])
         self.B = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.randn(r, hidden, generator=generator) / hidden**0.5) for _ in self.n_tokens])
+            [torch.nn.Parameter(torch.randn(r, d, generator=generator) / d**0.5) for _ in self.n_tokens])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = z.new_zeros(len(z), len(self.n_tokens), self.n, self.hidden)
@@ -76,10 +77,12 @@ class AmortisedFitter(Fitter):
         means = torch.stack([self.sums[u] / len(self.states[u]) for u in sorted(self.states)])
         self.h_mean = means.mean(0)
         self.h_std = means.std(0).clamp(min=1e-6) if len(means) > 1 else torch.ones_like(self.h_mean)
+        self.basis = self._pca_basis((means - self.h_mean) / self.h_std) if cfg.pca else None
         g = torch.Generator().manual_seed(cfg.seed + 5)
         # cross-fitting: K maps, map k trained on the users outside fold k, a user's profile read by the map of
         # their own fold, which never trained on them (so no user's profile is memorised from their own items)
-        self.maps = torch.nn.ModuleList([HistoryMap(cfg, llm.hidden_size, g) for _ in range(max(1, cfg.cross_fit))])
+        self.maps = torch.nn.ModuleList([HistoryMap(cfg, llm.hidden_size, g, cfg.pca or None)
+                                         for _ in range(max(1, cfg.cross_fit))])
         self.fold = torch.zeros(corpus.n_users + 1, dtype=torch.long)
         if len(self.maps) > 1:
             perm = torch.randperm(len(self.users), generator=torch.Generator().manual_seed(cfg.seed + 17))
@@ -115,13 +118,28 @@ class AmortisedFitter(Fitter):
         return (self.fold[torch.tensor(users)] + shift) % K
 
     # ------------------------------------------------------------------ features
+    def _pca_basis(self, z: torch.Tensor) -> torch.Tensor:
+        """[d, H]: the top ``pca`` principal directions of the users' z, scaled so each component has unit
+        variance; zeros (a placeholder a loaded fit overwrites) when there are too few users to estimate them."""
+        d = self.cfg.pca
+        if len(z) <= d:
+            return torch.zeros(d, z.shape[1])
+        _, S, Vt = torch.linalg.svd(z - z.mean(0), full_matrices=False)
+        return Vt[:d] / (S[:d, None] / (len(z) - 1) ** 0.5).clamp(min=1e-6)
+
+    def before_fit(self) -> None:
+        if self.basis is not None and not self.basis.any():
+            raise UseripError(f"profile.pca {self.cfg.pca} needs more than {self.cfg.pca} users with train "
+                              f"windows to fit its components (got {len(self.states)}); lower it or set 0")
+
     def standardise(self, h: torch.Tensor) -> torch.Tensor:
-        return (h - self.h_mean) / self.h_std
+        z = (h - self.h_mean) / self.h_std
+        return z if self.basis is None else z @ self.basis.T
 
     def features(self, users: list[int], target: list[int] | None = None) -> torch.Tensor:
         """z for ``users`` from all their windows, or without ``target[i]`` (loo) / from the windows before it
         (forecast); a user with nothing left to read gets the population (z = 0)."""
-        out = torch.zeros(len(users), self.h_mean.numel())
+        out = torch.zeros(len(users), self.cfg.pca or self.h_mean.numel())
         for i, u in enumerate(users):
             st = self.states[u]
             if target is None:
@@ -203,11 +221,15 @@ class AmortisedFitter(Fitter):
         """The trained encoder: map weights and the history standardisation (saved with the profiles)."""
         out = {f"map.{k}": v.detach().clone() for k, v in self.maps.state_dict().items()}
         out.update({"map.h_mean": self.h_mean.clone(), "map.h_std": self.h_std.clone()})
+        if self.basis is not None:
+            out["map.basis"] = self.basis.clone()
         return out
 
     def load_map_state(self, t: dict[str, torch.Tensor]) -> None:
         self.maps.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("map.") and k[4].isdigit()})
         self.h_mean, self.h_std = t["map.h_mean"].clone(), t["map.h_std"].clone()
+        if "map.basis" in t:
+            self.basis = t["map.basis"].clone()
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         snap = super()._snapshot()

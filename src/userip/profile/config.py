@@ -74,6 +74,9 @@ class ProfileConfig:
     joint_beta: float = 0.5  # joint mode: weight of ||sg(theta) - c||^2
     # amortised inference: theta_k = shared_k + A_k B_k z_u, z_u = standardised pooled history state
     rank: int = 32
+    # amortised: the map reads the top-N principal components of z, whitened (0 = all hidden dims): the few
+    # directions where users differ most, so the map cannot memorise detail of one user's windows
+    pca: int = 0
     lr_map: float = 1e-3
     target: str = "loo"  # loo: a window the encoder did not read | forecast: the next window from earlier ones
     pool: str = "mean"  # per-window pooling of the LLM's last hidden state: mean | last (token) | rating (tokens)
