@@ -39,7 +39,7 @@ DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "explain": (("explain",), ("profiles",)),
     "baselines": (("baselines", "model", "seed"), ("data", "profiles")),
     "ctr": (("ctr",), ("bank", "baselines")),
-    "probe": (("seed",), ("profiles", "baselines")),
+    "probe": (("probe", "seed"), ("profiles", "baselines")),
     "report": (("report",), ("ctr", "explain", "probe")),
 }
 
@@ -53,7 +53,7 @@ def load_run_config(path: str | Path | None = None, quick: bool = False, **overr
     if not isinstance(raw, dict):
         raise UseripError(f"config {path}: expected a YAML mapping of sections")
     cfg: dict[str, Any] = {"name": path.stem, "seed": 0, "users": 0, "model": "smollm2-135m", "data": {},
-                           "profile": {}, "ctr": {}, "baselines": {}, "explain": {}, "report": {}}
+                           "profile": {}, "ctr": {}, "baselines": {}, "explain": {}, "probe": {}, "report": {}}
     quick_section = raw.pop("quick", {}) or {}
     cfg = _merge(cfg, raw)
     if quick:
@@ -72,7 +72,7 @@ def _params(fn: Callable[..., Any], drop: tuple[str, ...]) -> set[str]:
 
 
 def check_sections(cfg: dict[str, Any]) -> None:
-    """Unknown keys in the `ctr:`, `explain:` and `baselines:` sections are a clear `UseripError` (the stage
+    """Unknown keys in the `ctr:`, `explain:`, `baselines:` and `probe:` sections are a clear `UseripError` (the stage
     functions would raise a TypeError mid-run, after the expensive stages); so is a section that is not a
     mapping."""
     from userip.baselines import text_profile_baseline
@@ -87,6 +87,7 @@ def check_sections(cfg: dict[str, Any]) -> None:
         "ctr": _params(train_ctr, fixed) | _params(run_ctr_table, fixed),
         "explain": _params(explain, (*fixed, "profiles_dir")),
         "baselines": _params(text_profile_baseline, fixed) | {"content_kmeans", "text_profile", "history"},
+        "probe": {"targets"},
     }
     where = cfg.get("config_path", "run config")
     for section, keys in known.items():
@@ -210,8 +211,15 @@ class Runner:
         from userip.baselines import load_baseline
         from userip.data import load_prepared
         from userip.explain import activity_buckets, id_space_size, permuted_ids, probe, probe_markdown
+        from userip.explain.probe import nothing_to_probe_markdown, probe_targets
 
         data = load_prepared(self.out / "data")
+        # the dataset's own side features (or probe.targets): a log without any gets a note, not a crash
+        targets, skipped = probe_targets(data.users, data.config.side_features, self.cfg["probe"].get("targets"))
+        if not targets:
+            write_json(self.out / "probe.json", [])
+            _write_text(self.out / "probe.md", nothing_to_probe_markdown(skipped) + "\n")
+            return {"rows": 0, "targets": [], "skipped": skipped}
         ids = pd.read_parquet(self.out / "profiles" / "profile_ids.parquet")
         ids = ids.drop(columns=["user_id"])
         seed = self.cfg["seed"]
@@ -223,16 +231,23 @@ class Runner:
             if d.exists():
                 b = load_baseline(d).ids
                 tables[label] = b[b["user_idx"].isin(ids["user_idx"])].drop(columns=["user_id"])
-        df = probe(tables, data.users, seed=seed)
+        df = probe(tables, data.users, targets, seed=seed)
         write_json(self.out / "probe.json", df.to_dict(orient="records"))
-        (self.out / "probe.md").write_text(probe_markdown(df) + "\n")
-        return {"rows": len(df)}
+        _write_text(self.out / "probe.md", probe_markdown(df) + "\n")
+        return {"rows": len(df), "targets": targets, "skipped": skipped}
 
     def report(self) -> dict[str, Any]:
         from userip.report import build_report
 
         paths = build_report(self.out)
         return {"files": [str(p.relative_to(self.out)) for p in paths]}
+
+
+def _write_text(path: Path, text: str) -> None:
+    from userip.io import atomic_path
+
+    with atomic_path(path) as tmp:  # a report read mid-write never sees half a table
+        tmp.write_text(text)
 
 
 def _winners(df: pd.DataFrame) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """Validity probe: do profile IDs carry information about user attributes the profiler never saw?
 
-ML-100K's age, gender and occupation are not in the behaviour text. For each ID source (profile IDs, and the
+ML-100K's age, gender and occupation are not in the behaviour text. The targets are the dataset's own user side
+features (`probe_targets`: the configured ``side_features``, numeric ages bucketed, near-unique columns such as
+zip codes skipped), or a list given in the run config's ``probe: {targets: [...]}``; a dataset without user side
+features gets a probe that says there was nothing to probe (`nothing_to_probe_markdown`). For each ID source (profile IDs, and the
 controls: the same ID tuples permuted across users, and activity buckets of the same cardinality) and each
 target, the probe reports the normalised (and chance-adjusted) mutual information between the joint ID tuple
 and the target, and the 5-fold stratified cross-validated accuracy of a logistic regression on one-hot IDs,
@@ -22,6 +25,9 @@ from userip.errors import UseripError
 
 AGE_LABELS = ["<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
 DEFAULT_TARGETS = ("age_bucket", "gender", "occupation")
+# A target with more classes than this (or one class per user) cannot be probed from a few IDs: a zip code
+# or a free-text column would only measure how unique users are.
+MAX_TARGET_CLASSES = 50
 _NOT_CODES = ("user_idx", "user_id")
 
 
@@ -101,6 +107,53 @@ def _targets(users: pd.DataFrame, targets: Sequence[str]) -> pd.DataFrame:
     return u[["user_idx", *targets]]
 
 
+def probe_targets(users: pd.DataFrame, side_features: Sequence[str] | None = None,
+                  targets: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(targets to probe, {column: why it is skipped}) for a users table.
+
+    ``targets`` given (the run config's ``probe.targets``): exactly those; a name the users table lacks is a
+    `UseripError` naming it and the columns there are. Otherwise the dataset's side features
+    (``side_features``, else every user column but the ids): ``age`` becomes ``age_bucket``, and columns
+    with a single class, more than `MAX_TARGET_CLASSES` classes, or one class per user are skipped with the
+    reason. An empty list means there is nothing to probe (a log without user side features).
+    """
+    cols = [c for c in users.columns if c not in _NOT_CODES]
+    derivable = set(cols) | ({"age_bucket"} if "age" in cols else set())
+    if targets is not None:
+        if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+            raise UseripError(f"probe.targets: expected a list of user column names, got {targets!r}")
+        missing = [t for t in targets if t not in derivable]
+        if missing:
+            raise UseripError(f"probe.targets: users table has no column(s) {missing} (user columns: "
+                              f"{cols or 'none'}); set probe.targets to some of them, or [] to skip the probe")
+        return list(targets), {}
+    feats = [c for c in (side_features if side_features is not None else cols) if c in cols]
+    chosen: list[str] = []
+    skipped: dict[str, str] = {}
+    for c in feats:
+        name = "age_bucket" if c == "age" and pd.api.types.is_numeric_dtype(users[c]) else c
+        values = age_bucket(users[c]) if name == "age_bucket" else users[c]
+        known = values.dropna()
+        n = int(known.astype(str).nunique())
+        if n < 2:
+            skipped[c] = "a single value"
+        elif n > MAX_TARGET_CLASSES or n >= len(known):
+            skipped[c] = f"{n} distinct values for {len(known)} users (near-unique, nothing a few IDs could carry)"
+        else:
+            chosen.append(name)
+    return chosen, skipped
+
+
+def nothing_to_probe_markdown(skipped: dict[str, str] | None = None) -> str:
+    """What the probe section says when the dataset has no usable user side features."""
+    text = ("Nothing to probe: this dataset has no user side features (attributes such as age or gender that the "
+            "profiler never reads), so there is nothing to check the profile IDs against. Give a users file "
+            "(`data.users`) with such columns, or name them in `probe.targets`.")
+    if skipped:
+        text += " Skipped columns: " + "; ".join(f"`{c}` ({why})" for c, why in skipped.items()) + "."
+    return text
+
+
 def _cv_accuracy(X: pd.DataFrame, y: np.ndarray, seed: int, folds: int = 5) -> tuple[float, float, float]:
     """(mean accuracy, std across folds, majority-class accuracy on the same folds)."""
     from sklearn.dummy import DummyClassifier
@@ -162,8 +215,14 @@ def probe(id_tables: dict[str, pd.DataFrame], users: pd.DataFrame, targets: Sequ
     return pd.DataFrame(rows)
 
 
+PROBE_COLUMNS = ["source", "target", "users", "classes", "id_tuples", "nmi", "ami", "accuracy", "accuracy_std",
+                 "majority"]
+
+
 def probe_markdown(df: pd.DataFrame) -> str:
-    """Markdown table of :func:`probe` output."""
+    """Markdown table of :func:`probe` output (the nothing-to-probe note when it has no rows)."""
+    if df.empty:
+        return nothing_to_probe_markdown(df.attrs.get("skipped"))
     lines = [
         "| source | target | users | classes | ID tuples | NMI | AMI | accuracy | majority |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -177,10 +236,11 @@ def probe_markdown(df: pd.DataFrame) -> str:
 
 
 def probe_profiles(profiles_dir: str | Path, data_dir: str | Path | None = None,
-                   targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0) -> pd.DataFrame:
+                   targets: Sequence[str] | None = None, seed: int = 0) -> pd.DataFrame:
     """The probe on a PROFILES dir with its two controls: permuted IDs and activity buckets (same cardinality).
 
-    Targets absent from the data's users table are skipped.
+    ``targets`` None: the dataset's side features (`probe_targets`); a dataset without any gives an empty
+    frame (callers say there was nothing to probe).
     """
     from userip.data import load_prepared
     from userip.io import read_yaml
@@ -198,8 +258,9 @@ def probe_profiles(profiles_dir: str | Path, data_dir: str | Path | None = None,
         "permuted IDs": permuted_ids(ids, seed),
         "activity buckets": activity_buckets(data, id_space_size(ids), users=ids["user_idx"], seed=seed),
     }
-    cols = set(data.users.columns) | ({"age_bucket"} if "age" in data.users.columns else set())
-    usable = [t for t in targets if t in cols]
+    usable, skipped = probe_targets(data.users, data.config.side_features, targets)
     if not usable:
-        raise UseripError(f"{data_dir}: users table has none of the targets {list(targets)}")
+        out = pd.DataFrame(columns=PROBE_COLUMNS)
+        out.attrs["skipped"] = skipped
+        return out
     return probe(sources, data.users, usable, seed)
