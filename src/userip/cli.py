@@ -56,14 +56,22 @@ def data_prepare(
     users: Path | None = typer.Option(None, "--users", help="CSV/Parquet users file (optional)."),
     config: Path | None = typer.Option(None, "--config", help="YAML config (column mapping, split)."),
     source: Path | None = typer.Option(None, "--source", help="Local directory holding ML-100K files."),
+    name: str | None = typer.Option(
+        None, "--name", help="What stats and reports call the dataset (default: ml-100k or the interactions "
+        "file's name)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
-    """Load a dataset, split it per user in time order, write Parquet tables + stats.json."""
+    """Load a dataset, split it per user in time order, write Parquet tables + stats.json.
+
+    Your own log: --interactions/--items [--users] plus a --config whose `data:` section maps your columns
+    (names, 0/1 label or rating, genre separator, split). Every key, its default and two worked examples (a
+    binary-label CTR log with titles; a review log): docs/config.md."""
     from userip.data import format_stats, prepare
 
     data = prepare(
         out, dataset=dataset, interactions=interactions, items=items, users=users, config=config, source=source,
-        overwrite=overwrite,
+        overwrite=overwrite, name=name,
     )
     console.print(format_stats(data.stats))
 
@@ -325,7 +333,7 @@ def explain_cmd(
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens per phrase."),
     min_users: int = typer.Option(5, "--min-users", help="Support for a title: code users who watched it."),
     min_interactions: int = typer.Option(20, "--min-interactions", help="Support for a genre: interactions."),
-    probe: bool = typer.Option(False, "--probe", help="Also run the validity probe (age, gender, occupation)."),
+    probe: bool = typer.Option(False, "--probe", help="Also run the validity probe (the dataset's user side features)."),
 ) -> None:
     """Explain each profile code: nearest tokens, a decoded phrase, over-represented genres and titles."""
     from rich.markdown import Markdown

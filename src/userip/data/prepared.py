@@ -162,8 +162,12 @@ def prepare(
     max_users: int | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    name: str | None = None,
 ) -> PreparedData:
     """Load a dataset, re-index ids, label, split, and write the DATA dir ``out`` atomically.
+
+    ``name`` (CLI ``--name``) is what stats and reports call the dataset; default: the built-in dataset's
+    name, or the interactions file's stem (so most own logs would all be called "interactions").
 
     ``out`` must be new, empty or a DATA dir userip wrote; a finished one is replaced only with
     ``overwrite=True``, and files userip did not write are never removed.
@@ -176,6 +180,8 @@ def prepare(
     run before anything is written.
     """
     check_output_dir(out, "data", overwrite=overwrite)  # refuse a user's folder before any work
+    if name is not None and (not isinstance(name, str) or not name.strip() or "\n" in name):
+        raise UseripError(f"--name: expected a non-empty one-line dataset name, got {name!r}")
     cfg = resolve_config(config, dataset)
     interactions = interactions if interactions is not None else cfg.interactions
     items = items if items is not None else cfg.items
@@ -190,7 +196,7 @@ def prepare(
         from userip.data.ml100k import load_ml100k
 
         raw = load_ml100k(source, verify=cfg.verify_checksums)
-        name = cfg.dataset
+        default_name_for = cfg.dataset
     else:
         if source is not None:
             raise UseripError("--source is only used with --dataset ml-100k")
@@ -200,12 +206,17 @@ def prepare(
                 "(plus --config for the column mapping)"
             )
         raw = read_generic(interactions, items, users, cfg)
-        name = Path(interactions).stem
+        default_name_for = Path(interactions).stem
 
+    default_name = name is None
+    name = name.strip() if name is not None else default_name_for
     if max_users:
         raw = subset_users(raw, int(max_users), seed)
-        name = f"{name}-{int(max_users)}users-seed{seed}"
+        if default_name:  # a name the user chose is kept as given; the subset is recorded in the stats
+            name = f"{name}-{int(max_users)}users-seed{seed}"
     data = build(raw, cfg, name)
+    if max_users:
+        data.stats["subset"] = {"max_users": int(max_users), "seed": int(seed)}
     write_prepared(data, out, overwrite=overwrite)
     data.path = Path(out)
     return data
@@ -376,6 +387,9 @@ def compute_stats(
         "splits": splits,
         "user_features": [c for c in users.columns if c not in ("user_idx", "user_id")],
         "has_text": "text" in inter.columns or "text" in items.columns,
+        # which text was loaded: `behaviour: review` needs interactions.text (the review of each interaction)
+        "text_columns": [t for t, frame in (("interactions.text", inter), ("items.text", items))
+                         if "text" in frame.columns],
     }
 
 
@@ -472,6 +486,16 @@ def format_stats(stats: dict[str, Any]) -> str:
            if stats.get("n_users_without_train") else ""),
         f"label rate ({stats.get('label_rule', 'label')}): all {rate(stats.get('label_rate'))} | "
         + " | ".join(f"{s} {rate(sp.get(s, {}).get('label_rate'))}" for s in SPLITS),
+        "text    " + _text_line(stats),
         f"fingerprint {str(stats.get('fingerprint'))[:16]}",
     ]
     return "\n".join(lines)
+
+
+def _text_line(stats: dict[str, Any]) -> str:
+    cols = stats.get("text_columns")
+    if cols is None:  # stats written before text_columns existed
+        return "loaded" if stats.get("has_text") else "none loaded"
+    if not cols:
+        return ("none loaded (behaviour: review needs columns.interactions.text; titles are always used)")
+    return "loaded: " + ", ".join(cols)
