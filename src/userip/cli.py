@@ -333,7 +333,7 @@ def explain_cmd(
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens per phrase."),
     min_users: int = typer.Option(5, "--min-users", help="Support for a title: code users who watched it."),
     min_interactions: int = typer.Option(20, "--min-interactions", help="Support for a genre: interactions."),
-    probe: bool = typer.Option(False, "--probe", help="Also run the validity probe (the dataset's user side features)."),
+    probe: bool = typer.Option(False, "--probe", help="Also run the validity probe (user side features)."),
 ) -> None:
     """Explain each profile code: nearest tokens, a decoded phrase, over-represented genres and titles."""
     from rich.markdown import Markdown

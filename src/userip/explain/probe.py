@@ -3,12 +3,14 @@
 ML-100K's age, gender and occupation are not in the behaviour text. The targets are the dataset's own user side
 features (`probe_targets`: the configured ``side_features``, numeric ages bucketed, near-unique columns such as
 zip codes skipped), or a list given in the run config's ``probe: {targets: [...]}``; a dataset without user side
-features gets a probe that says there was nothing to probe (`nothing_to_probe_markdown`). For each ID source (profile IDs, and the
-controls: the same ID tuples permuted across users, and activity buckets of the same cardinality) and each
-target, the probe reports the normalised (and chance-adjusted) mutual information between the joint ID tuple
-and the target, and the 5-fold stratified cross-validated accuracy of a logistic regression on one-hot IDs,
-next to the majority-class accuracy on the same folds. IDs that beat their permuted control carry signal;
-IDs that do no better than activity buckets may only be encoding how much a user watches.
+features gets a probe that says there was nothing to probe (`nothing_to_probe_markdown`).
+
+For each ID source (profile IDs, and the controls: the same ID tuples permuted across users, and activity
+buckets of the same cardinality) and each target, the probe reports the normalised (and chance-adjusted) mutual
+information between the joint ID tuple and the target, and the 5-fold stratified cross-validated accuracy of a
+logistic regression on one-hot IDs, next to the majority-class accuracy on the same folds. IDs that beat their
+permuted control carry signal; IDs that do no better than activity buckets may only be encoding how much a user
+watches.
 """
 
 from __future__ import annotations
