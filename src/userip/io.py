@@ -55,16 +55,57 @@ INCREMENTAL = frozenset({"run"})
 RESUMABLE = {"run": "run.json", "profiles": "checkpoints/last.json"}
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable read is a set-and-restore
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode a plain ``open()`` would give a new file (0666 less the umask)."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """Mode a plain ``mkdir`` would give a new directory (0777 less the umask)."""
+    return 0o777 & ~current_umask()
+
+
+# tempfile makes 0600 files and 0700 directories (private by design); an output renamed from one would keep
+# that mode, so other users or a server process sharing the group could not read it. Outputs get the mode
+# the user's umask asks for, as if written in place.
+def _mkstemp_path(target: Path, suffix: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _mkdtemp_path(target: Path, suffix: str) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to ``target``; on success rename it over ``target`` (same filesystem)."""
+    """Yield a temp path next to ``target``; on success rename it over ``target`` (same filesystem).
+
+    The result has the mode of a file written in place under the umask, whatever the writer did.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _mkstemp_path(target, ".tmp")
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -80,7 +121,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = _mkdtemp_path(target, ".tmp")
     try:
         yield tmp
         if target.exists() or target.is_symlink():
@@ -280,7 +321,7 @@ def output_dir(target: str | os.PathLike, kind: str, *, overwrite: bool = False)
     target = Path(target)
     check_output_dir(target, kind, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = _mkdtemp_path(target, ".tmp")  # its sub-folders are moved into target: they keep its mode
     try:
         yield tmp
         out = claim_output_dir(target, kind, overwrite=overwrite)

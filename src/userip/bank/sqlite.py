@@ -311,8 +311,10 @@ class SQLiteBank:
             _fsync_path(tmp)
             try:  # mkstemp makes 0600 files; other processes (servers) read banks, so keep the old mode
                 mode = stat.S_IMODE(os.stat(self._path).st_mode)
-            except OSError:
-                mode = 0o644
+            except OSError:  # a new bank: what the umask gives a new file
+                from userip.io import file_mode
+
+                mode = file_mode()
             os.chmod(tmp, mode)
             os.replace(tmp, self._path)
             _fsync_path(self._path.parent, directory=True)
