@@ -225,6 +225,15 @@ def test_score_user_in_data_but_not_in_bank(client, world):
     np.testing.assert_allclose(body["scores"][0]["score"], _direct_scores(world, "dcn", "10", ["3"])[0], rtol=1e-5)
 
 
+def test_score_accepts_json_numbers_as_ids(client):
+    """A client of a MovieLens-style log sends numbers; they score exactly as their string form (issue 13)."""
+    as_str = client.post("/v1/score", json={"user_id": "4", "item_ids": ["5", "1", "30"]}).json()
+    r = client.post("/v1/score", json={"user_id": 4, "item_ids": [5, 1.0, "30"]})
+    assert r.status_code == 200, r.text
+    assert r.json() == as_str
+    assert r.json()["known_user"] is True
+
+
 def test_unknown_items_are_reported_not_scored(client):
     body = client.post("/v1/score", json={"user_id": "2", "item_ids": ["nope", "1", "31", "2", "nope"]}).json()
     assert [s["item_id"] for s in body["scores"]] == ["1", "2"]
@@ -237,8 +246,8 @@ BAD_BODIES = [
     ({"item_ids": ["1"]}, 422, "user_id"),
     ({"user_id": "1"}, 422, "item_ids"),
     ({"user_id": "1", "item_ids": []}, 422, "at least 1"),
-    ({"user_id": 1, "item_ids": ["1"]}, 422, "user_id"),
-    ({"user_id": "1", "item_ids": [1, 2]}, 422, "item_ids.0"),
+    ({"user_id": True, "item_ids": ["1"]}, 422, "user_id"),  # numbers are ids (below); booleans are not
+    ({"user_id": "1", "item_ids": [1.5, 2]}, 422, "item_ids.0"),  # nor fractions: "1.5" or "1.50"?
     ({"user_id": "1", "item_ids": "1"}, 422, "item_ids"),
     ({"user_id": "1", "item_ids": [["1"]]}, 422, "item_ids.0"),
     ({"user_id": None, "item_ids": ["1"]}, 422, "user_id"),

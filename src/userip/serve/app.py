@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI) over a :class:`~userip.serve.scorer.Scorer`, and ``serve`` to run it with uvicorn.
 
 Endpoints: ``GET /healthz``, ``GET /v1/meta``, ``GET /v1/users/{user_id}/profile``, ``POST /v1/score``.
-Ids are the dataset's own ids, always strings. Every error is JSON ``{"error", "message", "detail"}``:
+Ids are the dataset's own ids, as strings (a whole JSON number in a score request is read as its string
+form). Every error is JSON ``{"error", "message", "detail"}``:
 422 for a malformed request, 413 for too many items (or a body too large for ``max_batch`` ids),
 503 when the bank was rebuilt into something the model cannot read, 500 (logged) for anything unexpected;
 the server keeps answering after each of them.
@@ -19,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,15 +32,34 @@ log = logging.getLogger("userip.serve")
 #: Longest id accepted (dataset ids are short; this bounds what one request can make the server hash).
 MAX_ID_CHARS = 256
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+def _id_string(v: Any) -> Any:
+    """JSON numbers as ids: a client of a MovieLens-style log sends ``1``, the CLI and the bank use ``"1"``.
+
+    Whole numbers take their integer string form (``1`` and ``1.0`` -> ``"1"``); a fraction or a boolean has no
+    unambiguous id string (``1.50`` vs ``"1.5"``), so it is refused like any other non-string.
+    """
+    if isinstance(v, bool):
+        return v  # refused below as "not a valid string"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return v
+
+
+Id = Annotated[str, BeforeValidator(_id_string), StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
 
 
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"user_id": "1", "item_ids": ["50"]}]})
 
-    user_id: Id = Field(description="Dataset user id (a string). Unknown users are scored with ID 0 features.")
+    user_id: Id = Field(description="Dataset user id (a string, or a whole JSON number read as its string form). "
+                        "Unknown users are scored with ID 0 features.")
     item_ids: list[Id] = Field(
-        min_length=1, description="Dataset item ids (strings), at most max_batch (see /v1/meta). Duplicates allowed."
+        min_length=1, description="Dataset item ids (strings or whole numbers, as user_id), at most max_batch "
+        "(see /v1/meta). Duplicates allowed."
     )
 
 
