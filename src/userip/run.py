@@ -29,7 +29,19 @@ from userip.monitor import measure, release_memory
 log = logging.getLogger(__name__)
 console = Console()
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ml-100k.yaml"
+def _default_config() -> Path:
+    """configs/ml-100k.yaml: shipped in the package (a wheel install), else the source tree's copy.
+
+    src/userip/configs/ml-100k.yaml is a link to the repo's configs/ml-100k.yaml, and the wheel carries the file
+    itself; a checkout without symlink support (the link is a broken path there) falls back to the repo file.
+    """
+    packaged = Path(__file__).resolve().parent / "configs" / "ml-100k.yaml"
+    if packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "configs" / "ml-100k.yaml"
+
+
+DEFAULT_CONFIG = _default_config()
 STAGES = ("data", "profiles", "bank", "explain", "baselines", "ctr", "probe", "report")
 # which config sections and upstream stages each stage depends on
 DEPENDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
