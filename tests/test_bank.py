@@ -433,7 +433,7 @@ def test_bank_import_stays_light() -> None:
 def test_check_compatible(profiles_dir: Path, bank_factory) -> None:
     with build_bank(profiles_dir, bank_factory()) as bank:
         check_compatible(bank.meta(), FINGERPRINT)
-        with pytest.raises(UseripError, match=r"'fp-aaaa'.*'fp-bbbb'.*rebuild"):
+        with pytest.raises(UseripError, match=r"other data: data fingerprint fp-aaaa != fp-bbbb.*rebuild"):
             check_compatible(bank.meta(), "fp-bbbb")
 
 

@@ -187,14 +187,13 @@ def finalize_meta(meta: dict[str, Any], *, n_users: int, backend: str) -> dict[s
 
 
 def check_compatible(bank_meta: dict[str, Any], data_fingerprint: str) -> None:
-    """Fail loudly when a bank was built on another dataset: its user-id maps differ, so IDs are wrong."""
+    """Fail loudly when a bank was built on another dataset (or split): its user-id maps differ, so IDs are wrong."""
+    from userip.data.prepared import fingerprint_mismatch
+
     have = bank_meta.get("data_fingerprint") if isinstance(bank_meta, dict) else None
     if have != data_fingerprint:
-        raise UseripError(
-            f"bank was built on data with fingerprint {have!r}, but this data has fingerprint "
-            f"{data_fingerprint!r}; the user-id maps differ, so rebuild the bank from profiles fitted "
-            "on this data"
-        )
+        raise UseripError(fingerprint_mismatch("the bank", have, data_fingerprint)
+                          + " (rebuild the bank from profiles fitted on this data)")
 
 
 def write_parquet(frame: pd.DataFrame, meta: dict[str, Any], path: str | os.PathLike) -> None:

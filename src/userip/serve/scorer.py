@@ -241,10 +241,10 @@ class Scorer:
         self.fingerprint = data.fingerprint
         fp = self.train_meta.get("data_fingerprint")
         if fp and fp != self.fingerprint:
-            raise UseripError(
-                f"{self.data_dir}: not the data the CTR model was trained on (fingerprint {self.fingerprint[:12]} "
-                f"!= {str(fp)[:12]} in {results})"
-            )
+            from userip.data.prepared import fingerprint_mismatch
+
+            raise UseripError(f"{self.data_dir}: not the data the CTR model was trained on: "
+                              + fingerprint_mismatch(f"the CTR model ({results})", fp, self.fingerprint))
         self.n_users, self.n_items = data.n_users, data.n_items
         self._user_lookup = {str(k): int(v) for k, v in data.id_maps["user"].items()}
         self._item_lookup = {str(k): int(v) for k, v in data.id_maps["item"].items()}
