@@ -327,6 +327,16 @@ def test_history_train_mode_uses_only_train_events(world):
         Scorer(str(world.bank), world.ctr, history="future")
 
 
+def test_refuses_a_ctr_dir_of_a_newer_format_naming_it(world, tmp_path):
+    ctr = tmp_path / "ctr"
+    shutil.copytree(world.ctr, ctr)
+    marker = json.loads((ctr / ".userip.json").read_text())
+    assert marker["format_version"] == 1
+    (ctr / ".userip.json").write_text(json.dumps({**marker, "format_version": 5}))
+    with pytest.raises(UseripError, match="format_version 5"):
+        Scorer(str(world.bank), ctr, data_dir=world.run / "data")
+
+
 def test_refuses_models_without_profile_ids(world, tmp_path):
     ctr = tmp_path / "ctr"
     shutil.copytree(world.ctr, ctr)

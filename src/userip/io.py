@@ -233,10 +233,10 @@ def check_output_dir(path: str | os.PathLike, kind: str, *, overwrite: bool = Fa
     if m["kind"] != kind:
         raise UseripError(f"refusing to write {kind} output into {path}: it holds a userip {m['kind']} "
                           "output; choose another directory")
-    version = m.get("format_version", OUTPUT_FORMAT_VERSION)
-    if not isinstance(version, int) or version > OUTPUT_FORMAT_VERSION:
-        raise UseripError(f"{path}: {kind} output of format_version {version}, newer than this userip "
-                          f"reads ({OUTPUT_FORMAT_VERSION}); upgrade userip or choose another directory")
+    version = m.get("format_version", 1)  # markers from before format_version existed are version 1
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= OUTPUT_FORMAT_VERSION:
+        raise UseripError(f"{path}: {kind} output of format_version {version!r}, which this userip cannot read "
+                          f"(it reads 1..{OUTPUT_FORMAT_VERSION}); upgrade userip or choose another directory")
     if overwrite:
         return "replace"
     if not m.get("complete"):
@@ -305,9 +305,31 @@ def remove_output_files(path: str | os.PathLike, kind: str) -> list[Path]:
     return owned
 
 
-def require_complete(path: str | os.PathLike, what: str) -> None:
-    """Refuse to read an output whose command was interrupted (its marker says not complete)."""
+def check_format(path: str | os.PathLike, what: str) -> dict[str, Any] | None:
+    """The marker of an output about to be read, after checking this userip can read its ``format_version``.
+
+    A directory without a marker, or a marker without ``format_version`` (written before either existed), is
+    format 1 and loads as before. A newer (or malformed) version is a `UseripError` naming it, instead of a
+    KeyError or a silent misreading somewhere inside.
+    """
+    from userip import __version__
+
     m = read_marker(path)
+    if m is None:
+        return None
+    version = m.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= OUTPUT_FORMAT_VERSION:
+        raise UseripError(
+            f"{path}: this {m['kind']} output has format_version {version!r}, which userip {__version__} cannot "
+            f"read as {what} (it reads format_version 1..{OUTPUT_FORMAT_VERSION}); it was written by a newer "
+            "userip: upgrade userip, or rebuild it with this one")
+    return m
+
+
+def require_complete(path: str | os.PathLike, what: str) -> None:
+    """Refuse to read an output whose command was interrupted (its marker says not complete), or whose
+    format this userip cannot read (`check_format`)."""
+    m = check_format(path, what)
     if m is not None and not m.get("complete"):
         raise UseripError(f"{path}: this {m['kind']} output is incomplete (the command writing it was "
                           f"interrupted or is still running); rerun it to finish before using it as {what}")

@@ -245,10 +245,11 @@ def probe_profiles(profiles_dir: str | Path, data_dir: str | Path | None = None,
     frame (callers say there was nothing to probe).
     """
     from userip.data import load_prepared
-    from userip.io import read_yaml
+    from userip.io import read_yaml, require_complete
     from userip.profile.api import read_ids
 
     root = Path(profiles_dir)
+    require_complete(root, "profiles to probe")
     if data_dir is None:
         data_dir = (read_yaml(root / "config.yaml") or {}).get("data_dir") or None
         if not data_dir or not Path(data_dir).exists():

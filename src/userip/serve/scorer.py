@@ -222,6 +222,9 @@ class Scorer:
         results = self.ctr_dir / "results.json"
         if not results.is_file() and (self.ctr_dir / "ctr" / "results.json").is_file():
             results = self.ctr_dir / "ctr" / "results.json"
+        from userip.io import require_complete
+
+        require_complete(results.parent, "a CTR model to serve")  # an unreadable format names its version
         self.train_meta: dict[str, Any] = dict(_read_json(results).get("meta") or {}) if results.is_file() else {}
 
         # ---- model
