@@ -271,6 +271,30 @@ def bank_info(bank: str = typer.Option(..., "--bank", help="Bank file path or UR
         console.print(t)
 
 
+@bank_app.command("delete")
+@_friendly
+def bank_delete(
+    users: list[str] = typer.Argument(..., help="User ids to delete (dataset ids, as strings)."),
+    bank: str = typer.Option(..., "--bank", help="Bank file path or URL."),
+    profiles: Path | None = typer.Option(
+        None, "--profiles", help="The PROFILES dir the bank was built from: also remove the users' pooled history "
+        "states from userip's cache (needs their behaviour in the DATA dir, and loads the fit's tokenizer)."
+    ),
+    data: Path | None = typer.Option(None, "--data", help="Prepared data dir (default: the one in PROFILES)."),
+) -> None:
+    """Delete users from the feature bank (an atomic rebuild; they become unknown, ID 0), and with --profiles
+    their cached pooled history states too."""
+    from userip.bank import delete_users, forget_users
+
+    found = delete_users(bank, users)
+    gone = [u for u in users if u not in found]
+    console.print(f"deleted {len(found)} user(s) from {bank}" + (f"; not in the bank: {', '.join(gone)}" if gone
+                                                                    else ""))
+    if profiles is not None:
+        n = forget_users(profiles, users, data)
+        console.print(f"removed {n} pooled history-state cache entr{'y' if n == 1 else 'ies'}")
+
+
 # ---------------------------------------------------------------- end bank
 
 

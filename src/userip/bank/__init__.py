@@ -5,7 +5,7 @@
 imported only when such a URL is opened). Nothing here imports torch, so serving a bank stays light.
 """
 
-from userip.bank.api import build_bank, import_parquet, open_bank, read_profiles_dir
+from userip.bank.api import build_bank, delete_users, forget_users, import_parquet, open_bank, read_profiles_dir
 from userip.bank.protocol import BANK_FORMAT_VERSION, FeatureBank, check_compatible
 
 __all__ = [
@@ -13,6 +13,8 @@ __all__ = [
     "FeatureBank",
     "build_bank",
     "check_compatible",
+    "delete_users",
+    "forget_users",
     "import_parquet",
     "open_bank",
     "read_profiles_dir",

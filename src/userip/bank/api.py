@@ -24,7 +24,7 @@ from userip.bank.protocol import (
 from userip.errors import InputError, UseripError
 from userip.io import require_complete, sha256_file
 
-__all__ = ["build_bank", "import_parquet", "open_bank", "read_profiles_dir"]
+__all__ = ["build_bank", "delete_users", "forget_users", "import_parquet", "open_bank", "read_profiles_dir"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SUPPORTED = "a file path, sqlite:///path or redis://host:port/db[?name=bank]"
@@ -209,3 +209,64 @@ def import_parquet(
     meta = normalise_meta(meta, source=path)
     validate_ids_table(table, meta, source=path)
     return _build_into(out, table, meta)
+
+
+def delete_users(bank: str | os.PathLike, user_ids: list[str]) -> list[str]:
+    """Remove these users' rows from the bank (an atomic rebuild: readers see the old or the new bank, never
+    half of one); afterwards they are unknown users (ID 0). Returns the ids that were there (in input order);
+    ids the bank does not hold are left as they are (nothing to delete)."""
+    ids = [str(u) for u in user_ids]
+    with open_bank(bank) as b:
+        table = b.to_frame()
+        present = set(table["user_id"].astype(str))
+        found = [u for u in dict.fromkeys(ids) if u in present]
+        if found:
+            keep = table[~table["user_id"].astype(str).isin(found)].reset_index(drop=True)
+            b.build(keep, b.meta())
+    return found
+
+
+def forget_users(profiles_dir: str | os.PathLike, user_ids: list[str], data_dir: str | os.PathLike | None = None,
+                 *, llm: Any = None) -> int:
+    """Remove these users' pooled history states from userip's cache (``~/.cache/userip/pooled``).
+
+    The cache is content-addressed by the user's rendered window tokens, so the windows are rebuilt exactly as
+    the fit in ``profiles_dir`` rendered them (its config, tokenizer and DATA dir, or ``data_dir``). Returns
+    the number of cache entries removed. Ids absent from the data are a `UseripError` naming them.
+    """
+    import dataclasses
+
+    from userip.data import load_prepared
+    from userip.io import read_yaml
+    from userip.profile import ProfileConfig
+    from userip.profile.api import build_corpus
+    from userip.profile.pooled import PooledStates
+
+    root = Path(profiles_dir)
+    conf = read_yaml(root / "config.yaml") if (root / "config.yaml").is_file() else None
+    if not conf or "profile" not in conf:
+        raise UseripError(f"{root}/config.yaml: not a fitted PROFILES directory (needs its profile config)")
+    data_dir = data_dir or conf.get("data_dir")
+    if not data_dir:
+        raise UseripError(f"{root}/config.yaml records no data_dir: pass the data directory (--data)")
+    data = load_prepared(data_dir)
+    idx = data.user_index([str(u) for u in user_ids])
+    missing = [u for u, i in zip(user_ids, idx, strict=True) if i == 0]
+    if missing:
+        raise UseripError(f"{data_dir}: unknown user ids {missing[:10]}: their cached states cannot be found "
+                          "without their behaviour")
+    cfg = ProfileConfig.from_dict(conf["profile"]).replace(max_users=0)
+    if llm is None:
+        from userip.llm import load_llm
+
+        llm = load_llm(conf["model"], dtype=cfg.dtype, device="cpu")
+    inter = data.interactions  # only these users are rendered: a user's windows depend on their rows alone
+    mine = dataclasses.replace(data, interactions=inter[inter["user_idx"].isin(idx.tolist())])
+    corpus = build_corpus(mine, llm.tokenizer, cfg)
+    cap = cfg.history_windows
+    removed = 0
+    # the encoder and the history baseline read the most recent `history_windows`; forget the full list too
+    for windows in ({u: w[-cap:] for u, w in corpus.train.items()} if cap else {}, dict(corpus.train)):
+        if windows:
+            removed += PooledStates.forget(windows)
+    return removed

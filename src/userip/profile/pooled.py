@@ -138,3 +138,42 @@ class PooledStates:
                 i += n
             self._save(cached)
         return {u: cached[digest[u]] for u in windows}
+
+    @classmethod
+    def forget(cls, windows_by_user: dict[int, list[list[int]]], cache: Path | str | None = None) -> int:
+        """Remove the cached states of these users' windows (a user deleted on request): every entry whose
+        content digest is one of theirs, in ``cache`` (one cache file) or in every file of the pooled-state
+        cache (the digest does not depend on the model, so any model's entry for the same tokens goes).
+        Returns how many entries were removed; a later fit that needs them pools them again."""
+        from safetensors import safe_open
+
+        digests = {user_digest(w) for w in windows_by_user.values()}
+        files = [Path(cache)] if cache is not None else sorted(cache_dir("pooled").glob("*.safetensors"))
+        removed = 0
+        for path in files:
+            if not path.is_file():
+                continue
+            try:
+                t = load_file(str(path))
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+            except Exception as e:  # an unreadable cache file is never read either (see _load); say so
+                log.warning("could not check pooled-state cache %s for deleted users (%s)", path, e)
+                continue
+            rows = t["digests"].numpy()
+            keep = [i for i in range(len(rows)) if rows[i].tobytes() not in digests]
+            if len(keep) == len(rows):
+                continue
+            removed += len(rows) - len(keep)
+            if not keep:
+                path.unlink()  # userip's own cache file, now empty
+                continue
+            offs = np.r_[0, np.cumsum(t["counts"].tolist())]
+            tensors = {
+                "digests": t["digests"][keep].contiguous(),  # still sorted: a subset of sorted rows
+                "counts": t["counts"][keep].contiguous(),
+                "states": torch.cat([t["states"][offs[i] : offs[i + 1]] for i in keep]).contiguous(),
+            }
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
+        return removed
