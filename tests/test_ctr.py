@@ -366,6 +366,10 @@ def test_train_ctr_reads_personal_tokens(fake_stages, learnable, tmp_path):
     (prof / "config.yaml").write_text("data_fingerprint: fp-else\n")
     with pytest.raises(UseripError, match="fp-else.*fp-data"):
         train_ctr("DATA", "BANK", prof, out=tmp_path / "out", **kw)
+    # profiles with a split-and-label fingerprint on data prepared before it: the message says which to rebuild
+    (prof / "config.yaml").write_text("data_fingerprint: v2:abc\n")
+    with pytest.raises(UseripError, match="older userip.*re-prepare"):
+        train_ctr("DATA", "BANK", prof, out=tmp_path / "out", **kw)
 
 
 def test_cli_ctr_train(fake_stages, tmp_path):

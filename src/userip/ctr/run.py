@@ -38,6 +38,7 @@ from userip.ctr.models import build_model
 from userip.ctr.spec import FeatureSpec, Field
 from userip.ctr.table import BOOTSTRAP, TestPredictions, lift_frame, results_markdown, summary_sentences, winners
 from userip.ctr.trainer import RowLookup, fit, metrics, predict
+from userip.data.prepared import fingerprint_mismatch
 from userip.errors import UseripError
 
 SETTINGS = ("with_user_id", "no_user_id")
@@ -662,10 +663,7 @@ def _load_personal(profiles_dir: Path, n_user_rows: int, data_fp: str | None) ->
 
         fp = (read_yaml(cfg_file) or {}).get("data_fingerprint")
         if fp is not None and fp != data_fp:
-            raise UseripError(
-                f"profiles {profiles_dir} were fitted on other data: data_fingerprint {fp} "
-                f"!= prepared data fingerprint {data_fp}"
-            )
+            raise UseripError(fingerprint_mismatch(f"profiles {profiles_dir}", fp, data_fp))
     tensors = load_file(str(f))
     key = "personal" if "personal" in tensors else "theta" if "theta" in tensors else None
     if key is None:
@@ -694,7 +692,7 @@ def baseline_sources(dirs: Sequence[str | Path], n_user_rows: int, *, dense: boo
         f = load_baseline(d)
         fp = f.meta.get("data_fingerprint")
         if data_fingerprint is not None and fp not in (None, data_fingerprint):
-            raise UseripError(f"baseline {d} was built on other data: data_fingerprint {fp} != {data_fingerprint}")
+            raise UseripError(fingerprint_mismatch(f"baseline {d}", fp, data_fingerprint))
         prefix, with_dense = BASELINE_SOURCES.get(f.name, (f.name, True))
         cards = f.cardinalities or {c: int(f.ids[c].max()) for c in f.ids.columns[2:]}
         table = np.zeros((n_user_rows, len(cards)), dtype=np.int64)
@@ -777,10 +775,7 @@ def train_ctr(
     data_fp = getattr(data, "fingerprint", None)
     bank_fp = bank_meta.get("data_fingerprint")
     if bank_fp != data_fp:
-        raise UseripError(
-            f"bank {bank} was built on other data: bank data_fingerprint {bank_fp} != "
-            f"fingerprint {data_fp} of {data_dir}"
-        )
+        raise UseripError(fingerprint_mismatch(f"bank {bank}", bank_fp, str(data_fp)) + f" ({data_dir})")
     n_user_rows = int(data.n_users) + 1
     users = data.users.sort_values("user_idx")
     got = np.asarray(fb.get([str(u) for u in users["user_id"]]))

@@ -248,7 +248,9 @@ def explain(profiles_dir: str | Path, data_dir: str | Path | None = None, llm=No
     data = load_prepared(_data_dir(pc, data_dir))
     fp = pc.conf.get("data_fingerprint")
     if fp and fp != data.fingerprint:
-        raise UseripError(f"{data.path}: not the data these profiles were fitted on (fingerprint differs)")
+        from userip.data.prepared import fingerprint_mismatch
+
+        raise UseripError(f"{data.path}: " + fingerprint_mismatch(f"profiles {profiles_dir}", fp, data.fingerprint))
     if llm is None:
         from userip.llm import load_llm
 
