@@ -133,6 +133,7 @@ def test_label_column_must_be_binary(tmp_path: Path, data_cache: Path) -> None:
         ({"bins": {"age": [30, 20]}}, "bins.age: expected a non-empty increasing list"),
         ({"columns": {"interactions": {"rating": None}}}, "need a 'rating' or a 'label' column"),
         ({"windows": {"max_items": 0}}, "data.windows was removed .*profile.behaviour"),
+        ({"history_len": 20}, "data.history_len was removed .*ctr.history_len"),
         ({"split": 3}, "split: expected a mapping"),
     ],
 )

@@ -99,7 +99,6 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     side_features: list[str] | None = None
     bins: dict[str, list[float]] = field(default_factory=dict)
-    history_len: int = 20
     verify_checksums: bool = True  # ML-100K: refuse files whose sha256 differs from the known release
     interactions: str | None = None
     items: str | None = None
@@ -205,12 +204,6 @@ class DataConfig:
             raise ConfigError(
                 f"timestamp_format: expected 'unix' or 'datetime', got {self.timestamp_format!r}"
             )
-        if (
-            not isinstance(self.history_len, int)
-            or isinstance(self.history_len, bool)
-            or self.history_len < 0
-        ):
-            raise ConfigError(f"history_len: expected an integer >= 0, got {self.history_len!r}")
         if self.side_features is not None and (
             not isinstance(self.side_features, list)
             or not all(isinstance(x, str) for x in self.side_features)
@@ -260,6 +253,9 @@ def _merge(base: dict[str, Any], d: dict[str, Any], cls: type, where: str) -> di
         if cls is DataConfig and key == "windows":
             raise ConfigError("data.windows was removed (it was never read): behaviour text is set in the profile "
                               "section (profile.behaviour, profile.title_year, profile.max_items, profile.max_tokens)")
+        if cls is DataConfig and key == "history_len":
+            raise ConfigError("data.history_len was removed (it was never read): the CTR history length is "
+                              "ctr.history_len")
         if key not in fields:
             raise ConfigError(f"unknown config key '{name}'; allowed here: {', '.join(fields)}")
         sub = _nested_type(cls, key)

@@ -509,6 +509,7 @@ def load_prepared(path: PathLike) -> PreparedData:
     inter["split"] = inter["split"].astype(object)
     saved = read_yaml(path / "config.yaml") or {}
     saved.pop("windows", None)  # written by userip < 0.2, never read
+    saved.pop("history_len", None)  # likewise (the CTR's is ctr.history_len)
     cfg = DataConfig.from_dict(saved, base=DataConfig())
     data = PreparedData(
         inter, items, users, read_json(path / "stats.json"), cfg, read_json(path / "id_maps.json"), path
