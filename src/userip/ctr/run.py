@@ -40,6 +40,7 @@ from userip.ctr.table import BOOTSTRAP, TestPredictions, lift_frame, results_mar
 from userip.ctr.trainer import RowLookup, fit, metrics, predict
 from userip.data.prepared import fingerprint_mismatch
 from userip.errors import UseripError
+from userip.io import check_format
 
 SETTINGS = ("with_user_id", "no_user_id")
 SLICES = ("all", "cold")
@@ -654,6 +655,7 @@ def _bank_id_sizes(bank_meta: dict, names: list[str] | None, ids: np.ndarray) ->
 def _load_personal(profiles_dir: Path, n_user_rows: int, data_fp: str | None) -> np.ndarray:
     from safetensors.numpy import load_file
 
+    check_format(profiles_dir, "profiles")  # a newer format is named before anything is read
     f = Path(profiles_dir) / "profiles.safetensors"
     if not f.exists():
         raise UseripError(f"--profiles {profiles_dir}: no profiles.safetensors there")

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from userip.errors import UseripError
-from userip.io import read_yaml
+from userip.io import check_format, read_yaml
 from userip.profile.config import ProfileConfig
 from userip.quantize import load_codebooks
 
@@ -44,6 +44,7 @@ class ProfileCodes:
 
 def load_profile_codes(profiles_dir: str | Path) -> ProfileCodes:
     root = Path(profiles_dir)
+    check_format(root, "profiles")  # a PROFILES dir of a newer format is named, not misread
     need = ("profiles.safetensors", "codebooks.safetensors", "profile_ids.parquet", "config.yaml")
     missing = [f for f in need if not (root / f).exists()]
     if missing:

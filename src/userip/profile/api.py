@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from userip.errors import UseripError
-from userip.io import atomic_path, read_yaml, write_json, write_yaml
+from userip.io import atomic_path, check_format, read_yaml, write_json, write_yaml
 from userip.profile.config import ProfileConfig
 from userip.profile.corpus import Corpus
 from userip.profile.em import ProfileFitter
@@ -182,6 +182,7 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path | Any, user_id
     from userip.llm import load_llm
 
     profiles_dir = Path(profiles_dir)
+    check_format(profiles_dir, "profiles")
     conf = read_yaml(profiles_dir / "config.yaml")
     cfg = ProfileConfig.from_dict(conf["profile"])
     data = load_prepared(data_dir) if isinstance(data_dir, (str, Path)) else data_dir
