@@ -105,3 +105,22 @@ def test_cli_infer_new_users_and_upsert_into_the_bank(prepared, tmp_path, tiny_m
     r = CliRunner().invoke(app, ["profile", "infer", "--run", str(out), "--data", str(prepared.path),
                                  "--users", "no-such-user"])
     assert r.exit_code == 2 and "unknown user ids" in r.output
+
+
+def test_ceiling_context_uses_the_template_lead_in_or_the_configured_one(prepared):
+    from userip.llm import tiny_llm
+    from userip.profile import ProfileConfig
+    from userip.profile.api import build_corpus, lead_in
+
+    tok = tiny_llm(seed=0).tokenizer
+    template = "The user's hobby is {hobby}. The user's background is {background}. The user watched: {behaviour}"
+    assert lead_in(template) == "The user watched:"
+    inline = "The user watched these movies (hobby: {hobby}; background: {background}): {behaviour}"
+    assert lead_in(inline) == "):"  # why the key exists: the text before {behaviour} is no prompt here
+    for cfg, want in ((ProfileConfig(template=template), "The user watched:"),
+                      (ProfileConfig(template=inline, ceiling_lead_in="The user watched these movies:"),
+                       "The user watched these movies:")):
+        corpus = build_corpus(prepared, tok, cfg)
+        assert corpus.context
+        head = tok(want, add_special_tokens=False)["input_ids"]
+        assert all(ids[: len(head)] == head for ids in corpus.context.values())

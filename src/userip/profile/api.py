@@ -70,7 +70,7 @@ def build_corpus(data, tokenizer, cfg: ProfileConfig) -> Corpus:
     activity = np.zeros(data.n_users + 1, dtype=np.int64)
     activity[counts.index.to_numpy()] = counts.to_numpy()
     return Corpus.from_text(tokenizer, train, heldout, data.n_users, activity, cfg.max_tokens, context=context,
-                            lead_in=lead_in(cfg.template), rated=cfg.behaviour == "rated")
+                            lead_in=cfg.ceiling_lead_in or lead_in(cfg.template), rated=cfg.behaviour == "rated")
 
 
 def lead_in(template: str) -> str:

@@ -98,6 +98,9 @@ class ProfileConfig:
     eval_each_epoch: str = "select"
     eval_scales: list[float] = field(default_factory=lambda: [0.5, 0.25])  # own, personal part scaled
     ceiling_items: int = 24  # the in-context ceiling: the user's last N train interactions as plain text
+    # the ceiling's plain-text prompt before the history (None: the template's text right before {behaviour});
+    # set it when the slots sit inside that text, e.g. "... from 1 to 5 (hobby: {hobby}): {behaviour}"
+    ceiling_lead_in: str | None = None
     bootstrap: int = 1000  # resamples of the evaluation users for 95% intervals
     patience: int = 2
     # compute
