@@ -52,8 +52,10 @@ def test_run_quick_end_to_end_and_resume(run_config, tmp_path):
     # the default table: the headline variants, with the LLM-history competitor and its twin
     assert set(runs["variant"]) == {"base", "+ids", "+ids-permuted", "+activity", "+label-rate", "+ids+label-rate",
                                     "+hist-ids", "+hist-ids-permuted"}
-    for name in ("history", "text-profile", "content-kmeans"):  # every baseline is built (all one flag away)
-        assert (out / "baselines" / name / "profile_ids.parquet").exists(), name
+    # only the baseline the default table reads is built (the others cost minutes and are one flag away)
+    assert (out / "baselines" / "history" / "profile_ids.parquet").exists()
+    for name in ("text-profile", "content-kmeans"):
+        assert not (out / "baselines" / name).exists(), name
     assert set(runs["seed"]) == {0, 1}
     report = (out / "report.md").read_text()
     for section in ("## Headline", "## Profiles", "## CTR", "## Validity probe", "## Explanations",
@@ -75,3 +77,14 @@ def test_run_quick_end_to_end_and_resume(run_config, tmp_path):
     assert r.output.count("up to date, skipped") == 6, r.output
     runs = pd.DataFrame(json.loads((out / "ctr" / "results.json").read_text())["runs"])
     assert set(runs["backbone"]) == {"dcn"}
+
+
+def test_baselines_built_are_those_the_ctr_variants_read():
+    from userip.run import _baselines_read
+
+    assert _baselines_read({}) == {"history"}
+    assert _baselines_read({"variants": "default", "competitor": "+text-ids"}) == {"text-profile"}
+    assert _baselines_read({"variants": "all"}) == {"history", "text-profile", "content-kmeans"}
+    assert _baselines_read({"variants": "base,+ids,+content-ids,+text-dense-permuted"}) == {"content-kmeans",
+                                                                                          "text-profile"}
+    assert _baselines_read({"variants": ["base", "+ids", "+ids-permuted"]}) == set()

@@ -122,6 +122,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def _key(cfg: dict[str, Any], stage: str, keys: dict[str, str]) -> str:
     sections, upstream = DEPENDS[stage]
     blob = {"sections": {s: cfg.get(s) for s in sections}, "upstream": {u: keys[u] for u in upstream}}
+    if stage == "baselines":  # which baselines are built follows what ctr.variants reads
+        blob["reads"] = sorted(_baselines_read(cfg.get("ctr") or {}))
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -193,6 +195,13 @@ class Runner:
         pcfg = self.profile_config()
         same = {"behaviour": pcfg.behaviour, "title_year": pcfg.title_year}  # every source reads what profiles read
         info: dict[str, Any] = {}
+        needed = _baselines_read(self.cfg["ctr"])
+        keys = (("history", "history"), ("content-kmeans", "content_kmeans"), ("text-profile", "text_profile"))
+        for name, key in keys:
+            if bcfg.get(key, True) and name not in needed:  # no CTR variant reads it: don't pay for it
+                bcfg[key] = False
+                spec = self.cfg["ctr"].get("variants", "default")
+                info[name] = {"skipped": f"no variant of ctr.variants={spec!r} reads it"}
         if bcfg.pop("history", True):  # the pooled states are the profile fit's (cached): seconds, not minutes
             f = history_baseline(data, self.llm, cards, pcfg, seed=self.cfg["seed"], progress=self.progress)
             save_baseline(f, self.out / "baselines" / "history", overwrite=True)
@@ -325,3 +334,23 @@ def run(config: str | Path | None = None, out: str | Path | None = None, *, quic
     if all(done.get(s, {}).get("status") == "done" and done[s].get("key") == keys[s] for s in STAGES):
         claimed.complete()
     return record
+
+
+def _baselines_read(ctr_cfg: dict[str, Any]) -> set[str]:
+    """The saved baselines the CTR table will read: every one for ``variants: all``; for ``default`` only the
+    competitor's (the history states unless ``competitor`` names another); for a list, those its names use."""
+    spec = ctr_cfg.get("variants", "default")
+    prefixes = {"hist": "history", "text": "text-profile", "content": "content-kmeans"}
+    if spec == "all":
+        return set(prefixes.values())
+    if spec == "default" or spec is None:
+        names = [ctr_cfg.get("competitor") or "+hist-ids"]
+    else:
+        names = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = set()
+    for n in names:
+        for part in str(n).strip().lstrip("+").split("+"):
+            head = part.split("-")[0]
+            if head in prefixes:
+                out.add(prefixes[head])
+    return out
