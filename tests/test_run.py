@@ -9,22 +9,18 @@ from typer.testing import CliRunner
 
 from userip.cli import app
 from userip.data.synthetic import write_taste_world
-from userip.llm import tiny_llm
 
 write_world = write_taste_world  # test_sharded imports it under this name
 
 
 @pytest.fixture
-def run_config(tmp_path, monkeypatch):
+def run_config(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("USERIP_CACHE_DIR", str(tmp_path / "cache"))  # pooled states, ceiling: never the real cache
     write_world(tmp_path / "world")
-    llm = tiny_llm(seed=0)
-    llm.model.save_pretrained(tmp_path / "tiny")
-    llm.tokenizer.save_pretrained(tmp_path / "tiny")
     w = tmp_path / "world"
     cfg = {
         "seed": 0,
-        "model": str(tmp_path / "tiny"),
+        "model": str(tiny_model_dir),
         "data": {"interactions": str(w / "inter.csv"), "items": str(w / "items.csv"), "users": str(w / "users.csv"),
                  "side_features": ["age", "gender", "occupation"]},
         "profile": {"epochs": 3, "batch_users": 8, "max_tokens": 48, "inner_steps": 4},

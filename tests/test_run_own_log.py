@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from userip.cli import app
 from userip.data.synthetic import write_taste_world
-from userip.llm import tiny_llm
 
 
 def _binary_log(d):
@@ -30,16 +29,13 @@ def _binary_log(d):
 
 
 @pytest.fixture
-def own_log_config(tmp_path, monkeypatch):
+def own_log_config(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("USERIP_CACHE_DIR", str(tmp_path / "cache"))
     w = tmp_path / "log"
     _binary_log(w)
-    llm = tiny_llm(seed=0)
-    llm.model.save_pretrained(tmp_path / "tiny")
-    llm.tokenizer.save_pretrained(tmp_path / "tiny")
     cfg = {
         "seed": 0,
-        "model": str(tmp_path / "tiny"),
+        "model": str(tiny_model_dir),
         "data": {"interactions": str(w / "clicks.csv"), "items": str(w / "items_own.csv"), "genre_sep": "/",
                  "columns": {"interactions": {"user_id": "uid", "item_id": "iid", "timestamp": "ts",
                                               "rating": None, "label": "click"},
