@@ -142,6 +142,12 @@ def read_profiles_dir(profiles_dir: str | os.PathLike) -> tuple[pd.DataFrame, di
     )
 
     header = _safetensors_header(cb_path)
+    # lineage of a refit (`profile fit --previous`): the codebooks whose IDs these were relabelled to keep.
+    # Serving still refuses a bank whose codebook_hash differs from the CTR model's (the refit keeps IDs only
+    # where the clusters allow); the record tells an operator which bank this one replaces.
+    previous = (header.get("__metadata__") or {}).get("previous_codebook_hash")
+    if previous:
+        meta["codebook_previous_hash"] = str(previous)
     for p in meta["profiles"]:
         key = f"codebook.{p['name']}"
         if key not in header:

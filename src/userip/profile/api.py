@@ -93,11 +93,13 @@ def make_fitter(llm, cfg: ProfileConfig, corpus: Corpus, out: Path | None, progr
 
 def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2-135m",
                  config: str | Path | ProfileConfig | None = None, llm=None, progress: bool = True,
-                 **overrides: Any) -> dict[str, Any]:
+                 previous: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
     """Fit profiles on a prepared dataset's train split and write the PROFILES directory.
 
     Rerunning after a kill resumes from ``out/checkpoints`` (same config) and ends with the same IDs.
-    Returns the metrics dict also written to ``metrics.json``.
+    ``previous``: a PROFILES dir this fit refits; its codes are relabelled (Hungarian matching, see
+    ``userip.quantize.match_codes``) so users keep their old IDs where the clusters allow, and ``metrics["refit"]``
+    says per profile how many users changed ID. Returns the metrics dict also written to ``metrics.json``.
     """
     from userip.data import load_prepared
     from userip.llm import load_llm
@@ -115,6 +117,13 @@ def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2
     corpus = build_corpus(data, llm.tokenizer, cfg)
     fitter = make_fitter(llm, cfg, corpus, out, progress=progress)
     state = fitter.fit(progress=progress)
+    refit = None
+    if previous is not None:
+        from userip.profile.refit import align_to_previous
+
+        refit = align_to_previous(fitter, previous, data.user_ids(fitter.all_users.numpy()), llm.name)
+        if state.final:  # code usage is listed per ID: recount it under the new labels
+            state.final = {**state.final, **fitter.code_stats()}
     metrics = {
         "epochs": state.metrics,
         "best_epoch": state.best_epoch,
@@ -126,6 +135,8 @@ def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2
         "wall_s": time.perf_counter() - t0,
         "peak_rss_mb": _peak_rss_mb(),
     }
+    if refit is not None:
+        metrics["refit"] = refit
     write_outputs(out, fitter, data, cfg, llm.name, metrics)
     return metrics
 
@@ -145,8 +156,11 @@ def write_outputs(out: Path, fitter: Fitter, data, cfg: ProfileConfig, model_nam
         tensors.update({"code_center": st.mu.contiguous(), "code_scale": st.scale.contiguous()})
     with atomic_path(out / "profiles.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"model": model_name, "table": cfg.table})
+    cb_meta = {"model": model_name}
+    if metrics.get("refit"):  # lineage: these codes were relabelled to keep the IDs of those codebooks
+        cb_meta["previous_codebook_hash"] = metrics["refit"]["previous_codebook_hash"]
     save_codebooks(out / "codebooks.safetensors", {k: v.detach() for k, v in st.codebooks.items()},
-                   metadata={"model": model_name})
+                   metadata=cb_meta)
     z = fitter.assignments()
     users = fitter.all_users.numpy()
     ids = pd.DataFrame({"user_id": data.user_ids(users), "user_idx": users.astype(np.int64)})

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-users", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--previous", help="a previous PROFILES dir whose IDs this refit keeps where it can")
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and os.environ.get("USERIP_DEVICE", "") != "cpu" else "cpu"
     dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         from userip.profile.api import fit_profiles
 
         metrics = fit_profiles(Path(a.data), Path(a.out), model=a.model, config=a.config, epochs=a.epochs,
-                               max_users=a.max_users, seed=a.seed, threads=threads,
+                               max_users=a.max_users, seed=a.seed, threads=threads, previous=a.previous,
                                device=device if device == "cuda" else None, progress=dist.get_rank() == 0)
         if dist.get_rank() == 0:
             from rich.console import Console

@@ -53,4 +53,16 @@ def summary_table(metrics: dict[str, Any]) -> Group:
         c.add_row(name, " ".join(map(str, s["usage"])), f"{s['perplexity']:.2f}", str(s["dead"]),
                   f"{s['nmi_activity']:.3f}")
     parts.append(c)
+    refit = metrics.get("refit")
+    if refit:  # `--previous`: how many users kept their ID after the codes were relabelled to the old ones
+        r = Table(title=f"refit of {refit['previous']}: IDs relabelled to keep the previous fit's")
+        for col in ("profile", "matched by", "shared users", "changed ID", "without matching", "kept"):
+            r.add_column(col, justify="right", no_wrap=True)
+        for name, x in refit["profiles"].items():
+            if x.get("method") == "none":
+                r.add_row(name, "-", "-", "-", "-", x.get("reason", "-"))
+                continue
+            kept = f"{x['agreement']:.0%}" if x.get("agreement") is not None else "-"
+            r.add_row(name, x["method"], str(x["shared"]), str(x["changed"]), str(x["changed_raw"]), kept)
+        parts.append(r)
     return Group(*parts)

@@ -7,6 +7,7 @@ sufficient statistics in between. This stage imports nothing from later stages.
 
 from __future__ import annotations
 
+from userip.quantize.align import CodeMatch, apply_relabel, contingency, match_codes
 from userip.quantize.kmeans import (
     Codebook,
     MStepStats,
@@ -28,14 +29,18 @@ from userip.quantize.storage import (
 
 __all__ = [
     "KEY_PREFIX",
+    "CodeMatch",
     "Codebook",
     "MStepStats",
+    "apply_relabel",
     "assign",
     "code_sums",
     "codebook_hash",
+    "contingency",
     "dead_codes",
     "kmeans_pp_init",
     "load_codebooks",
+    "match_codes",
     "perplexity",
     "prepare_for_codes",
     "read_codebook_metadata",
