@@ -60,3 +60,44 @@ def tiny_llm(seed: int = 0, vocab_size: int = 512, hidden_size: int = 32, num_la
         model = LlamaForCausalLM(config)
     model = freeze(model.to(dtype))
     return LLM(model=model, tokenizer=tokenizer, name="tiny-random-llama", dtype=dtype)
+
+
+def tiny_gemma3_llm(seed: int = 0, vocab_size: int = 262_144, hidden_size: int = 32, num_layers: int = 2,
+                    sliding_window: int = 8, dtype: torch.dtype = torch.float32, init_range: float = 0.2) -> LLM:
+    """Random text-only Gemma-3 (``Gemma3ForCausalLM``) with the same tiny BPE tokenizer, built from its config.
+
+    It keeps what makes Gemma-3 different from the Llama path, at test size: input embeddings scaled by
+    sqrt(hidden) inside ``embed_tokens`` (so ``inputs_embeds`` must come from that module, not its weight),
+    sliding-window layers next to full-attention ones (layer 0 sliding, layer 1 full; ``sliding_window`` small
+    enough to bind on test windows), and by default the real 262,144-row vocabulary (8.4M embedding
+    parameters at hidden 32, ~34 MB fp32: cheap, and it exercises the LM-head chunking). Token ids the tokenizer
+    never produces are simply unused rows.
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = _tiny_tokenizer(512)
+    config = Gemma3TextConfig(
+        vocab_size=max(vocab_size, len(tokenizer)),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        query_pre_attn_scalar=hidden_size // 4,
+        max_position_embeddings=512,
+        sliding_window=sliding_window,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="eager",
+        initializer_range=init_range,
+    )
+    g = torch.random.fork_rng()
+    with g:
+        torch.manual_seed(seed)
+        model = Gemma3ForCausalLM(config)
+    model = freeze(model.to(dtype))
+    return LLM(model=model, tokenizer=tokenizer, name="tiny-random-gemma3", dtype=dtype)

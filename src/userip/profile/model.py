@@ -13,7 +13,14 @@ from torch.utils.checkpoint import checkpoint
 
 from userip.llm import LLM
 from userip.profile.config import ProfileConfig
-from userip.profile.template import Batch, PromptLayout, attention_mask, build_layout
+from userip.profile.template import (
+    Batch,
+    PromptLayout,
+    accepts_mask_mapping,
+    attention_mask,
+    build_layout,
+    layer_masks,
+)
 
 
 class SoftProfiles:
@@ -75,14 +82,21 @@ class SoftProfiles:
         self.table.copy_(state["table"])
 
 
+@torch.no_grad()
 def text_init_embeddings(llm: LLM, cfg: ProfileConfig) -> torch.Tensor:
-    """PEFT TEXT init: the frozen embeddings of each profile's name text, cycled to fill its soft tokens."""
-    emb = llm.input_embeddings().weight
+    """PEFT TEXT init: the frozen embeddings of each profile's name text, cycled to fill its soft tokens.
+
+    Read through the embedding *module*, never its weight: the soft tokens enter as ``inputs_embeds``, i.e. in
+    the module's output space, and Gemma's ``embed_tokens`` multiplies its rows by sqrt(hidden) (x25.3 at
+    hidden 640), which the model skips when handed ``inputs_embeds``. Raw rows would start the soft tokens 25x
+    too small. For Llama-style models the module output is the row itself.
+    """
+    embed = llm.input_embeddings()
     n = max(p.n_tokens for p in cfg.profiles)
-    out = torch.zeros(len(cfg.profiles), n, emb.shape[1])
+    out = torch.zeros(len(cfg.profiles), n, llm.hidden_size)
     for k, p in enumerate(cfg.profiles):
         ids = llm.tokenizer(" " + (p.init_text or p.name), add_special_tokens=False)["input_ids"]
-        vecs = emb[torch.tensor(ids)].float()
+        vecs = embed(torch.tensor(ids, device=llm.device)).float().cpu()
         for j in range(n):
             out[k, j] = vecs[j % len(vecs)]
     return out
@@ -106,8 +120,13 @@ class Scorer:
         with torch.no_grad():  # the frozen template pieces are embedded once
             self.prefix_emb = embed(self.layout.prefix_ids.to(self.device)).to(self.dtype)
         self.lm_head = llm.model.get_output_embeddings()
+        # logits are [ce_chunk, vocab] fp32, kept for backward: cap a chunk at 2^26 logits (256 MiB), which leaves
+        # SmolLM2's 49k vocabulary at the configured 1024 and takes Gemma-3's 262k down to 256 rows per chunk.
+        # Each token's NLL does not depend on the chunking, so this changes memory, never a loss.
+        self.ce_chunk = max(1, min(cfg.ce_chunk, (1 << 26) // int(self.lm_head.weight.shape[0])))
         self.softcap = getattr(llm.model.config, "final_logit_softcapping", None)
         self.backbone = llm.model.model
+        self.per_layer_masks = accepts_mask_mapping(self.backbone)
         if cfg.checkpointing:
             llm.model.gradient_checkpointing_enable({"use_reentrant": False})
             llm.model.train()  # HF only checkpoints in training mode; dropout is 0 in these LMs
@@ -135,6 +154,9 @@ class Scorer:
         x = self.embed_rows(theta, batch)
         B, L, _ = x.shape
         mask = attention_mask(self.layout, batch.lengths, self.cfg.mask, self.dtype, self.device)
+        # a 4-D mask is used as-is by every layer, so sliding-window layers (Gemma-3, Mistral) get their window
+        # applied here, per layer type
+        mask = layer_masks(mask, self.llm.model.config, self.per_layer_masks)
         position_ids = torch.arange(L, device=self.device)[None].expand(B, -1)
         return self.backbone(inputs_embeds=x, attention_mask=mask, position_ids=position_ids).last_hidden_state
 
@@ -170,8 +192,8 @@ class Scorer:
 
     def _chunked_ce(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         out = []
-        for s in range(0, h.shape[0], self.cfg.ce_chunk):
-            hc, tc = h[s : s + self.cfg.ce_chunk], targets[s : s + self.cfg.ce_chunk]
+        for s in range(0, h.shape[0], self.ce_chunk):
+            hc, tc = h[s : s + self.ce_chunk], targets[s : s + self.ce_chunk]
             if torch.is_grad_enabled() and hc.requires_grad:
                 out.append(checkpoint(self._ce, hc, tc, use_reentrant=False))
             else:

@@ -141,3 +141,50 @@ def attention_mask(layout: PromptLayout, lengths: torch.Tensor, kind: str, dtype
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None, :, :]
+
+
+def accepts_mask_mapping(backbone: torch.nn.Module) -> bool:
+    """Whether a transformers backbone takes ``{layer type: 4-D mask}`` as ``attention_mask`` (Gemma-2/3,
+    Qwen-2/3, Cohere-2, GPT-OSS, ... in transformers 5: the models that mix sliding and full attention layers)."""
+    import inspect
+
+    try:
+        src = inspect.getsource(inspect.unwrap(type(backbone).forward))
+    except (OSError, TypeError):
+        return False
+    return "causal_mask_mapping := attention_mask, dict" in src
+
+
+def layer_masks(mask: torch.Tensor, config, mapping: bool) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask(s) to hand a backbone, with the model's sliding window applied where it has one.
+
+    transformers builds a sliding-window mask itself only from a 2-D padding mask; a prepared 4-D mask (ours:
+    the profile-aware block mask) is returned as-is for every layer, so without this a sliding layer would
+    attend past its window and score text differently from the model's own forward. A key is inside the
+    window when ``q - window < k`` (transformers' ``sliding_window_overlay``). Models whose config has sliding
+    ``layer_types`` get ``{"full_attention": mask, "sliding_attention": windowed}`` when the backbone takes a
+    mapping (``mapping``); a model that slides in every layer (Mistral: ``sliding_window`` and no
+    ``layer_types``) gets the windowed mask; any other model gets ``mask`` unchanged.
+    """
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return mask
+    if types is not None and getattr(config, "use_sliding_window", True) is False:
+        return mask
+    L = mask.shape[-1]
+    pos = torch.arange(L, device=mask.device)
+    outside = pos[None, :] <= pos[:, None] - window  # [L, L] keys beyond the window of each query
+    windowed = mask.masked_fill(outside, torch.finfo(mask.dtype).min)
+    # a padded query past the window of every real token would be fully blocked: let it see itself (its output
+    # is never scored; real queries already attend to themselves)
+    windowed.diagonal(dim1=-2, dim2=-1).fill_(0.0)
+    if types is None:
+        return windowed
+    if not mapping:
+        if window < L:
+            raise UseripError(f"{type(config).__name__}: this model's sliding-window layers cannot take the profile "
+                              f"mask (its backbone takes no per-layer masks) and rows of {L} tokens exceed the "
+                              f"window of {window}; lower max_tokens below {window} minus the prompt")
+        return mask
+    return {t: (windowed if t == "sliding_attention" else mask) for t in set(types)}
