@@ -62,6 +62,14 @@ def test_cli_fit_and_ids(prepared, tmp_path, tiny_model_dir):
     assert r.exit_code == 0 and "hobby" in r.output and "background" in r.output
     counts = id_counts(out)
     assert sum(counts["hobby"].values()) == len(pd.read_parquet(out / "profile_ids.parquet"))
+    # a refit through the CLI keeps the first fit's IDs where it can and says how many changed
+    r = CliRunner().invoke(app, ["profile", "fit", "--data", str(prepared.path), "--out", str(tmp_path / "p2"),
+                                 "--model", str(tiny_model_dir), "--config", str(cfg), "--epochs", "1",
+                                 "--seed", "2", "--previous", str(out)])
+    assert r.exit_code == 0, r.output
+    refit = json.loads((tmp_path / "p2" / "metrics.json").read_text())["refit"]
+    assert set(refit["profiles"]) == {"hobby", "background"}
+    assert all(v["changed"] <= v["changed_raw"] for v in refit["profiles"].values())
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path):

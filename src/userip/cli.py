@@ -105,6 +105,9 @@ def profile_fit(
     ),
     threads: int | None = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
     nproc: int = typer.Option(1, "--nproc", help="Shard users over N processes (torchrun; gloo on CPU)."),
+    previous: Path | None = typer.Option(
+        None, "--previous", help="A previous PROFILES dir this refit keeps IDs aligned with (Hungarian matching)."
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a finished PROFILES dir in --out (checkpoints included; never other files)."
     ),
@@ -122,7 +125,7 @@ def profile_fit(
 
         args = ["--data", str(data), "--out", str(out), "--model", model]
         for flag, value in (("--config", config), ("--epochs", epochs), ("--max-users", max_users),
-                            ("--seed", seed), ("--threads", threads)):
+                            ("--seed", seed), ("--threads", threads), ("--previous", previous)):
             if value is not None:
                 args += [flag, str(value)]
         if mode not in (None, "em") or table not in (None, "residual") or inference == "amortised":
@@ -137,7 +140,8 @@ def profile_fit(
     claimed = _claim_profiles(out, overwrite, nproc, config, epochs=epochs, max_users=max_users, seed=seed,
                               mode=mode, table=table, threads=threads, inference=inference)
     metrics = fit_profiles(data, out, model=model, config=config, epochs=epochs, max_users=max_users,
-                           seed=seed, mode=mode, table=table, threads=threads, inference=inference)
+                           seed=seed, mode=mode, table=table, threads=threads, inference=inference,
+                           previous=previous)
     claimed.complete()
     console.print(summary_table(metrics))
     console.print(f"wrote {out} in {metrics['wall_s']:.0f}s, peak RSS {metrics['peak_rss_mb']:.0f} MB")
