@@ -165,8 +165,8 @@ class Runner:
     def bank(self) -> dict[str, Any]:
         from userip.bank import build_bank
 
-        b = build_bank(self.out / "profiles", self.out / "bank.sqlite")
-        return {"users": b.meta().get("n_users")}
+        with build_bank(self.out / "profiles", self.out / "bank.sqlite") as b:
+            return {"users": b.meta().get("n_users")}
 
     def explain(self) -> dict[str, Any]:
         from userip.explain import explain
