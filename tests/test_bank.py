@@ -30,7 +30,7 @@ from userip.bank import (
     import_parquet,
     open_bank,
 )
-from userip.bank.redis_backend import parse_redis_url
+from userip.bank.redis_url import parse_redis_url
 from userip.cli import app
 from userip.errors import InputError, UseripError
 

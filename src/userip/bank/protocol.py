@@ -1,6 +1,6 @@
 """Backend-neutral part of the feature bank: the protocol every backend implements, and the shared checks.
 
-Every backend (SQLite now, Redis later) stores the same thing: ``user_id (str) -> one int ID per profile``,
+Every backend (SQLite, Redis) stores the same thing: ``user_id (str) -> one int ID per profile``,
 plus a JSON meta dict. Validation lives here, not in the backends, so a table that one backend accepts is
 accepted by every backend, with the same error messages.
 """

@@ -23,32 +23,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit
 
 import numpy as np
 import pandas as pd
 
-from userip.bank.protocol import (
-    BANK_FORMAT_VERSION,
-    finalize_meta,
-    normalise_meta,
-    validate_ids_table,
-    write_parquet,
-)
+from userip.bank.base import BankBase
+from userip.bank.protocol import BANK_FORMAT_VERSION, write_parquet
+from userip.bank.redis_url import parse_redis_url
 from userip.errors import UseripError
 
-__all__ = ["RedisBank", "RedisLocation", "parse_redis_url"]
+__all__ = ["RedisBank"]
 
 _FORMAT = "userip.bank.redis"
 _ROW_DTYPE = "<i8"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 #: Fields per HMGET; a batch larger than this is still one transaction, hence one round trip.
 _HMGET_CHUNK = 8192
 #: Users per HSET while building (one pipeline round trip each).
@@ -59,94 +50,6 @@ _SCAN_COUNT = 10000
 _PENDING_TTL_S = 3600
 #: Retries when a rebuild lands between reading the pointer and reading the data.
 _MAX_ATTEMPTS = 20
-_DEFAULT_PORT = 6379
-_DEFAULT_NAME = "default"
-_DEFAULT_CONNECT_TIMEOUT = 1.0
-_DEFAULT_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class RedisLocation:
-    """A parsed ``redis://[user:password@]host[:port][/db][?name=..&connect_timeout=..&timeout=..]``."""
-
-    host: str
-    port: int
-    db: int
-    name: str
-    username: str | None = None
-    password: str | None = None
-    connect_timeout: float = _DEFAULT_CONNECT_TIMEOUT
-    timeout: float = _DEFAULT_TIMEOUT
-
-    @property
-    def url(self) -> str:
-        """The location as a URL, password masked (safe for logs and error messages)."""
-        auth = ""
-        if self.username or self.password:
-            auth = quote(self.username or "", safe="") + (":***" if self.password else "") + "@"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"redis://{auth}{host}:{self.port}/{self.db}?name={self.name}"
-
-
-def _float_param(url: str, key: str, value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = float("nan")
-    if not (0 < x <= 3600):
-        raise UseripError(f"bad Redis bank URL {url!r}: {key} must be seconds in (0, 3600], got {value!r}")
-    return x
-
-
-def parse_redis_url(url: str) -> RedisLocation:
-    """Parse a Redis bank URL; every error names the URL (with any password masked)."""
-    parts = urlsplit(url)
-    shown = url
-    if parts.password:
-        shown = url.replace(f":{parts.password}@", ":***@", 1)
-    if parts.scheme.lower() != "redis":
-        raise UseripError(f"bad Redis bank URL {shown!r}: expected the redis:// scheme")
-    try:
-        port = parts.port or _DEFAULT_PORT
-    except ValueError:
-        raise UseripError(f"bad Redis bank URL {shown!r}: port must be a number in 1..65535") from None
-    host = parts.hostname or "localhost"
-    path = parts.path.strip("/")
-    if path == "":
-        db = 0
-    elif path.isdigit() and len(path) <= 5:
-        db = int(path)
-    else:
-        raise UseripError(f"bad Redis bank URL {shown!r}: the path must be a database number, e.g. /0")
-    if parts.fragment:
-        raise UseripError(f"bad Redis bank URL {shown!r}: unexpected '#{parts.fragment}'")
-    params: dict[str, str] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in params:
-            raise UseripError(f"bad Redis bank URL {shown!r}: '{key}' given twice")
-        params[key] = value
-    unknown = sorted(set(params) - {"name", "connect_timeout", "timeout"})
-    if unknown:
-        raise UseripError(
-            f"bad Redis bank URL {shown!r}: unknown parameter(s) {unknown}; known: name, connect_timeout, timeout"
-        )
-    name = params.get("name", _DEFAULT_NAME)
-    if not _NAME_RE.match(name):
-        raise UseripError(
-            f"bad Redis bank URL {shown!r}: bank name {name!r} must be 1-128 of A-Z a-z 0-9 _ . -"
-        )
-    return RedisLocation(
-        host=host,
-        port=port,
-        db=db,
-        name=name,
-        username=parts.username or None,
-        password=parts.password or None,
-        connect_timeout=_float_param(shown, "connect_timeout", params["connect_timeout"])
-        if "connect_timeout" in params
-        else _DEFAULT_CONNECT_TIMEOUT,
-        timeout=_float_param(shown, "timeout", params["timeout"]) if "timeout" in params else _DEFAULT_TIMEOUT,
-    )
 
 
 class _Keys:
@@ -176,7 +79,7 @@ def _encode(uid: str) -> bytes:
     return uid.encode("utf-8", "surrogatepass")
 
 
-class RedisBank:
+class RedisBank(BankBase):
     """Feature bank in a Redis database; safe to share across threads (redis-py pools connections).
 
     ``reload=True`` (default) follows rebuilds: every call is answered from the build ``current`` names at
@@ -188,16 +91,12 @@ class RedisBank:
     def __init__(self, url: str, *, create: bool = False, reload: bool = True) -> None:
         self._loc = parse_redis_url(url)
         self._url = self._loc.url
+        super().__init__(self._url, reload=reload)
         self._keys = _Keys(self._loc.name)
-        self._reload = reload
-        self._lock = threading.Lock()
-        self._closed = False
-        try:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-        except ImportError:  # pragma: no cover - redis is a declared dependency
-            raise UseripError(f"{self._url}: the Redis bank backend needs the 'redis' package") from None
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         self._redis = redis
         self._client = redis.Redis(
             host=self._loc.host,
@@ -215,14 +114,14 @@ class RedisBank:
             with self._errors("connecting"):
                 self._client.ping()
             self._snap: _Snapshot | None = self._load_current()
+            if self._snap is None and not create:
+                raise UseripError(
+                    f"{self._url}: no feature bank named '{self._loc.name}' in this Redis database; "
+                    "build one with `userip bank build`"
+                )
         except BaseException:
             self._client.close()
             raise
-        if self._snap is None and not create:
-            raise UseripError(
-                f"{self._url}: no feature bank named '{self._loc.name}' in this Redis database; "
-                "build one with `userip bank build`"
-            )
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
@@ -285,14 +184,6 @@ class RedisBank:
                 return snap
         raise UseripError(f"{self._url}: the bank was rebuilt {_MAX_ATTEMPTS} times while opening it; try again")
 
-    def _snapshot(self) -> _Snapshot:
-        if self._closed:
-            raise UseripError(f"{self._url}: feature bank is closed")
-        snap = self._snap
-        if snap is None:
-            raise UseripError(f"{self._url}: feature bank has not been built yet")
-        return snap
-
     def _adopt(self, version: int) -> _Snapshot | None:
         """Switch this handle to build ``version`` (the pointer moved); None if that build is gone too."""
         new = self._load_version(version)
@@ -302,9 +193,9 @@ class RedisBank:
                     self._snap = new
         return new
 
-    def _synced(self) -> _Snapshot:
+    def _live(self) -> _Snapshot:
         """The snapshot to answer meta-level calls from; with reload, first follows the pointer."""
-        snap = self._snapshot()
+        snap = self._built()
         if not self._reload:
             return snap
         for _ in range(_MAX_ATTEMPTS):
@@ -326,19 +217,15 @@ class RedisBank:
         )
 
     # ------------------------------------------------------------------ protocol
+    def _release(self, snap: _Snapshot | None) -> None:
+        self._client.close()
+
     @property
     def url(self) -> str:
         return self._url
 
-    @property
-    def profile_names(self) -> list[str]:
-        return list(self._synced().names)
-
-    def meta(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self._synced().meta))
-
     def code_counts(self) -> dict[str, dict[int, int]]:
-        snap = self._synced()
+        snap = self._live()
         return {name: dict(snap.code_counts[name]) for name in snap.names}
 
     def get(self, user_ids: Sequence[str]) -> np.ndarray:
@@ -346,17 +233,10 @@ class RedisBank:
 
         One MULTI/EXEC per call, so one network round trip however large the batch, and one build answers it.
         """
-        if isinstance(user_ids, (str, bytes)):
-            raise TypeError("get() takes a sequence of user ids, not a single string; use get([user_id])")
-        ids = list(user_ids)
-        if all(type(u) is str for u in ids):
-            pos = None
-            fields = [_encode(u) for u in ids]
-        else:
-            ids = [u if isinstance(u, str) or u is None else str(u) for u in ids]
-            pos = np.array([i for i, u in enumerate(ids) if u is not None], dtype=np.int64)
-            fields = [_encode(u) for u in ids if u is not None]
-        snap = self._snapshot()
+        ids = self._user_ids(user_ids)
+        pos = None if None not in ids else np.array([i for i, u in enumerate(ids) if u is not None], dtype=np.int64)
+        fields = [_encode(u) for u in ids if u is not None]
+        snap = self._built()
         keys = self._keys
         for _ in range(_MAX_ATTEMPTS):
             with self._errors("reading user IDs"):
@@ -399,7 +279,7 @@ class RedisBank:
     def _frame(self) -> tuple[pd.DataFrame, _Snapshot]:
         """The whole build (HSCAN, so Redis is never blocked on one huge reply), checked complete."""
         for _ in range(_MAX_ATTEMPTS):
-            snap = self._synced()
+            snap = self._live()
             n_users = int(snap.meta.get("n_users", 0))
             key = self._keys.ids(snap.version)
             entries: dict[bytes, bytes] = {}
@@ -438,12 +318,7 @@ class RedisBank:
 
     def build(self, ids_table: pd.DataFrame, meta: dict[str, Any], *, source: object = "ids_table") -> None:
         """Validate, write a new version beside the live one, switch the pointer atomically, drop the old."""
-        if self._closed:
-            raise UseripError(f"{self._url}: feature bank is closed")
-        meta = normalise_meta(meta, source=source)
-        validate_ids_table(ids_table, meta, source=source)
-        names = [p["name"] for p in meta["profiles"]]
-        final = finalize_meta(meta, n_users=len(ids_table), backend=self.backend)
+        names, final = self._start_build(ids_table, meta, source)
         values = np.ascontiguousarray(
             np.stack([ids_table[n].to_numpy(dtype=np.int64) for n in names], axis=1).astype(_ROW_DTYPE)
         )
@@ -515,25 +390,3 @@ class RedisBank:
                 raise UseripError(f"{self._url}: pending build v{version} changed before it was switched in") from None
         old = res[2]
         return None if old is None or not old.isdigit() else int(old)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._snap = None
-        self._client.close()
-
-    def __enter__(self) -> RedisBank:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"RedisBank({self._url!r})"

@@ -27,23 +27,16 @@ import re
 import sqlite3
 import stat
 import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from userip.bank.protocol import (
-    BANK_FORMAT_VERSION,
-    finalize_meta,
-    normalise_meta,
-    validate_ids_table,
-    write_parquet,
-)
+from userip.bank.base import BankBase
+from userip.bank.protocol import BANK_FORMAT_VERSION, write_parquet
 from userip.errors import UseripError
 
 __all__ = ["SQLiteBank"]
@@ -117,7 +110,7 @@ class _Snapshot:
     cols_sql: str
 
 
-class SQLiteBank:
+class SQLiteBank(BankBase):
     """Feature bank stored in one SQLite file; safe to share across threads (one connection + a lock).
 
     ``reload=True`` (default) makes a long-lived reader (a server) pick up rebuilds on its next ``get``;
@@ -128,10 +121,8 @@ class SQLiteBank:
 
     def __init__(self, path: str | os.PathLike, *, create: bool = False, reload: bool = True) -> None:
         self._path = Path(path)
-        self._reload = reload
-        self._lock = threading.RLock()
+        super().__init__(str(self._path), reload=reload)
         self._snap: _Snapshot | None = None
-        self._closed = False
         self._bad_ident: tuple[int, int, int, int] | None = None
         if self._path.is_dir():
             raise UseripError(f"{self._path}: is a directory, expected a feature bank file")
@@ -171,11 +162,7 @@ class SQLiteBank:
 
     def _current(self) -> _Snapshot:
         """The snapshot to answer from; re-opens when the path was replaced by a rebuild. Call under lock."""
-        if self._closed:
-            raise UseripError(f"{self._path}: feature bank is closed")
-        snap = self._snap
-        if snap is None:
-            raise UseripError(f"{self._path}: feature bank has not been built yet")
+        snap = self._built()
         if self._reload:
             try:
                 ident = _file_ident(self._path)
@@ -198,19 +185,18 @@ class SQLiteBank:
                 snap = new
         return snap
 
+    def _live(self) -> _Snapshot:
+        with self._lock:
+            return self._current()
+
+    def _release(self, snap: _Snapshot | None) -> None:
+        if snap is not None:
+            snap.con.close()
+
     # ------------------------------------------------------------------ protocol
     @property
     def path(self) -> Path:
         return self._path
-
-    @property
-    def profile_names(self) -> list[str]:
-        with self._lock:
-            return list(self._current().names)
-
-    def meta(self) -> dict[str, Any]:
-        with self._lock:
-            return json.loads(json.dumps(self._current().meta))
 
     def get(self, user_ids: Sequence[str]) -> np.ndarray:
         """int64 ``[n, m]`` in input order; unknown (or None) ids give a row of zeros, never an error.
@@ -218,11 +204,7 @@ class SQLiteBank:
         One query per batch: ids go in as one JSON array and come back joined with their input position,
         so duplicates and ordering are handled by SQLite and the scatter into the output is vectorised.
         """
-        if isinstance(user_ids, (str, bytes)):
-            raise TypeError("get() takes a sequence of user ids, not a single string; use get([user_id])")
-        ids = list(user_ids)
-        if not all(type(u) is str for u in ids):
-            ids = [u if isinstance(u, str) or u is None else str(u) for u in ids]
+        ids = self._user_ids(user_ids)
         with self._lock:
             snap = self._current()
             out = np.zeros((len(ids), len(snap.names)), dtype=np.int64)
@@ -293,13 +275,8 @@ class SQLiteBank:
 
     def build(self, ids_table: pd.DataFrame, meta: dict[str, Any], *, source: object = "ids_table") -> None:
         """Validate, write a new file next to the bank, fsync, and atomically rename it over the bank."""
-        if self._closed:
-            raise UseripError(f"{self._path}: feature bank is closed")
-        meta = normalise_meta(meta, source=source)
-        validate_ids_table(ids_table, meta, source=source)
-        names = [p["name"] for p in meta["profiles"]]
+        names, final = self._start_build(ids_table, meta, source)
         columns = _column_names(names)
-        final = finalize_meta(meta, n_users=len(ids_table), backend=self.backend)
         self._path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(
             prefix=f".{self._path.name}.", suffix=".building", dir=self._path.parent
@@ -356,24 +333,3 @@ class SQLiteBank:
             con.commit()
         finally:
             con.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._snap is not None:
-                self._snap.con.close()
-                self._snap = None
-
-    def __enter__(self) -> SQLiteBank:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"SQLiteBank({str(self._path)!r})"
