@@ -21,8 +21,8 @@ from userip.data import (
     prepare,
     user_histories,
 )
+from userip.data.fingerprint import fingerprint_ids
 from userip.data.ml100k import read_ml100k_dir, read_official, read_recbole
-from userip.data.prepared import fingerprint_ids
 from userip.data.split import per_user_counts
 from userip.errors import InputError, UseripError
 
@@ -397,7 +397,7 @@ def test_load_prepared_errors(prepared, tmp_path: Path) -> None:
 def test_failed_prepare_leaves_no_output(
     tmp_path: Path, csv_dataset: CsvDataset, data_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import userip.data.prepared as mod
+    import userip.data.datadir as mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

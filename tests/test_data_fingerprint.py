@@ -9,7 +9,7 @@ import pytest
 from conftest import CsvDataset
 from userip.bank import check_compatible
 from userip.data import load_prepared, prepare
-from userip.data.prepared import fingerprint_ids, fingerprint_mismatch
+from userip.data.fingerprint import fingerprint_ids, fingerprint_mismatch
 from userip.errors import InputError, UseripError
 
 

@@ -3,9 +3,12 @@
 Output is a DATA dir (see docs/internals.md) that every later stage reads through `load_prepared`.
 """
 
+from userip.data.build import prepare
 from userip.data.config import ConfigError, DataConfig
 from userip.data.ctr import CTRExamples, ctr_examples
-from userip.data.prepared import PreparedData, format_stats, load_prepared, load_stats, prepare
+from userip.data.datadir import load_prepared
+from userip.data.prepared import PreparedData
+from userip.data.stats import format_stats, load_stats
 from userip.data.text import behaviour_windows, recent_history, user_histories
 
 __all__ = [

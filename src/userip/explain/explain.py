@@ -248,7 +248,7 @@ def explain(profiles_dir: str | Path, data_dir: str | Path | None = None, llm=No
     data = load_prepared(_data_dir(pc, data_dir))
     fp = pc.conf.get("data_fingerprint")
     if fp and fp != data.fingerprint:
-        from userip.data.prepared import fingerprint_mismatch
+        from userip.data.fingerprint import fingerprint_mismatch
 
         raise UseripError(f"{data.path}: " + fingerprint_mismatch(f"profiles {profiles_dir}", fp, data.fingerprint))
     if llm is None:
