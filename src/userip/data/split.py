@@ -17,6 +17,15 @@ from userip.data.config import ConfigError, SplitConfig
 SPLITS = ("train", "val", "test")
 
 
+def user_runs(users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of each run of equal user indices in ``users`` (rows sorted by user: one run per user)."""
+    users = np.asarray(users)
+    if len(users) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    return starts, np.r_[starts[1:], len(users)]
+
+
 def per_user_counts(n: np.ndarray, val_frac: float, test_frac: float) -> tuple[np.ndarray, np.ndarray]:
     """(n_val, n_test) per user: test = floor(test_frac*n) but >= 1; val = floor(val_frac*n), >= 1 if n >= 3.
 
@@ -41,8 +50,8 @@ def assign_split(df: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
         return time_split(df["timestamp"].to_numpy(), cfg)
     order = np.lexsort((df["_row"].to_numpy(), df["timestamp"].to_numpy(), df["user_idx"].to_numpy()))
     users = df["user_idx"].to_numpy()[order]
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    sizes = np.diff(np.r_[starts, len(users)])
+    starts, ends = user_runs(users)
+    sizes = ends - starts
     pos = np.arange(len(users)) - np.repeat(starts, sizes)
     n = np.repeat(sizes, sizes)
     n_val, n_test = per_user_counts(sizes, cfg.val_frac, cfg.test_frac)

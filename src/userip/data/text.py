@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from userip.data.prepared import PreparedData
-from userip.data.split import SPLITS
+from userip.data.split import SPLITS, user_runs
 from userip.errors import UseripError
 
 SEP = "; "
@@ -44,30 +44,26 @@ def format_reaction(rating: float, label: int) -> str:
     return str(int(label))
 
 
-def user_spans(users: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) of each run of equal user indices in ``users`` (rows sorted by user)."""
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    return list(zip(starts.tolist(), np.r_[starts[1:], len(users)].tolist(), strict=True))
-
-
-def _select(data: PreparedData, split: str | Sequence[str]) -> pd.DataFrame:
+def by_user(data: PreparedData, split: str | Sequence[str]) -> tuple[pd.DataFrame, list[tuple[int, int, int]]]:
+    """The interactions of ``split`` (a name, several, or "all"), still sorted by user then time, and
+    ``(user_idx, start, end)`` of each user's rows among them. Users without any interaction there are absent."""
     names = list(SPLITS) if split == "all" else [split] if isinstance(split, str) else list(split)
     bad = [s for s in names if s not in SPLITS]
     if bad:
         raise UseripError(f"unknown split '{bad[0]}'; expected one of {', '.join(SPLITS)} or 'all'")
     inter = data.interactions
-    return inter[inter["split"].isin(names)]
+    rows = inter[inter["split"].isin(names)]
+    users = rows["user_idx"].to_numpy()
+    starts, ends = user_runs(users)
+    return rows, [(int(users[s]), s, e) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
 def user_histories(data: PreparedData, split: str | Sequence[str] = "train") -> dict[int, np.ndarray]:
     """user_idx -> item_idx of that split in time order (ties by original row order). Users without any
     interaction in the split are absent."""
-    rows = _select(data, split)
-    users = rows["user_idx"].to_numpy()
+    rows, spans = by_user(data, split)
     items = rows["item_idx"].to_numpy(dtype=np.int64)
-    if len(users) == 0:
-        return {}
-    return {int(users[s]): items[s:e] for s, e in user_spans(users)}
+    return {u: items[s:e] for u, s, e in spans}
 
 
 def token_counter(tokenizer: Any | None) -> Callable[[str], int]:
@@ -172,9 +168,8 @@ def behaviour_windows(
         raise UseripError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if title_year not in ("keep", "drop"):
         raise UseripError(f"title_year must be 'keep' or 'drop', got {title_year!r}")
-    rows = _select(data, split)
-    users = rows["user_idx"].to_numpy()
-    if len(users) == 0:
+    rows, spans = by_user(data, split)
+    if not spans:
         return {}
     items = rows["item_idx"].to_numpy(dtype=np.int64)
 
@@ -182,8 +177,8 @@ def behaviour_windows(
         pieces = _item_pieces(data, rows, mode, title_year)
         count = functools.lru_cache(maxsize=65536)(token_counter(tokenizer))  # titles repeat across users
         return {
-            int(users[s]): pack_windows(list(pieces[s:e]), max_items=max_items, max_tokens=max_tokens, count=count)
-            for s, e in user_spans(users)
+            u: pack_windows(list(pieces[s:e]), max_items=max_items, max_tokens=max_tokens, count=count)
+            for u, s, e in spans
         }
 
     if "text" in rows.columns:
@@ -198,7 +193,7 @@ def behaviour_windows(
             "columns.interactions.text (e.g. review text) or columns.items.text in the config"
         )
     out: dict[int, list[str]] = {}
-    for s, e in user_spans(users):
+    for u, s, e in spans:
         win = []
         for t in texts[s:e]:
             if t is None or (isinstance(t, float) and np.isnan(t)) or not str(t).strip():
@@ -206,7 +201,7 @@ def behaviour_windows(
             t = " ".join(str(t).split())
             win.append(truncate_tokens(t, max_tokens, tokenizer) if max_tokens is not None else t)
         if win:
-            out[int(users[s])] = win
+            out[u] = win
     return out
 
 
@@ -236,9 +231,6 @@ def recent_history(
 ) -> dict[int, str]:
     """Per user_idx, the last ``n_items`` interactions of ``split`` rendered as one "A; B; C" string (the
     in-context history of the profile ceiling). ``review`` mode renders titles (reviews are too long)."""
-    rows = _select(data, split)
-    users = rows["user_idx"].to_numpy()
-    if len(users) == 0:
-        return {}
+    rows, spans = by_user(data, split)
     pieces = _item_pieces(data, rows, "rated" if mode == "rated" else "sequence", title_year)
-    return {int(users[s]): SEP.join(pieces[max(s, e - n_items) : e]) for s, e in user_spans(users)}
+    return {u: SEP.join(pieces[max(s, e - n_items) : e]) for u, s, e in spans}
