@@ -222,16 +222,7 @@ def read_recbole(path: str | Path) -> RawTables:
     users = _tsv(p_us, "\t", True)
     _need(users, p_us, ["user_id", "age", "gender", "occupation"])
 
-    i_df = pd.DataFrame(
-        {
-            "user_id": to_ids(inter["user_id"], p_in, "user_id"),
-            "item_id": to_ids(inter["item_id"], p_in, "item_id"),
-            "rating": to_float(inter["rating"], p_in, "rating", "a numeric rating"),
-            "label": np.full(len(inter), np.nan),
-            "timestamp": to_timestamp(inter["timestamp"], p_in, "timestamp", "unix"),
-            "_row": np.arange(1, len(inter) + 1),
-        }
-    )
+    i_df = _interactions_frame(inter, p_in)
     years = np.array([parse_year(v) for v in items["release_year"].tolist()], dtype="float64")
     titles = to_titles(items["movie_title"], p_it, "movie_title")
     it_df = pd.DataFrame(
@@ -243,14 +234,8 @@ def read_recbole(path: str | Path) -> RawTables:
             "_row": np.arange(1, len(items) + 1),
         }
     )
-    u_df = _users_frame(users, p_us, "zip_code")
-    files = {"interactions": str(p_in), "items": str(p_it), "users": str(p_us)}
-    fields = {
-        "interactions": {"user_id": "user_id", "item_id": "item_id"},
-        "items": {"item_id": "item_id", "title": "movie_title"},
-        "users": {"user_id": "user_id"},
-    }
-    return RawTables(i_df, it_df, u_df, "RecBole layout", files, fields)
+    return _layout_tables("RecBole layout", i_df, it_df, users, (p_in, p_it, p_us),
+                          ("user_id", "item_id", "item_id", "movie_title"))
 
 
 def read_official(path: str | Path) -> RawTables:
@@ -280,16 +265,7 @@ def read_official(path: str | Path) -> RawTables:
         )
     users.columns = ["user_id", "age", "gender", "occupation", "zip_code"]
 
-    i_df = pd.DataFrame(
-        {
-            "user_id": to_ids(inter["user_id"], p_in, "user_id"),
-            "item_id": to_ids(inter["item_id"], p_in, "item_id"),
-            "rating": to_float(inter["rating"], p_in, "rating", "a numeric rating"),
-            "label": np.full(len(inter), np.nan),
-            "timestamp": to_timestamp(inter["timestamp"], p_in, "timestamp", "unix"),
-            "_row": np.arange(1, len(inter) + 1),
-        }
-    )
+    i_df = _interactions_frame(inter, p_in)
     flags = items.iloc[:, 5:].to_numpy() == "1"
     it_df = pd.DataFrame(
         {
@@ -300,14 +276,37 @@ def read_official(path: str | Path) -> RawTables:
             "_row": np.arange(1, len(items) + 1),
         }
     )
-    u_df = _users_frame(users, p_us, "zip_code")
+    return _layout_tables("official layout", i_df, it_df, users, (p_in, p_it, p_us),
+                          ("user id", "item id", "movie id", "movie title"))
+
+
+def _interactions_frame(inter: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The interactions of either layout, checked: ids, rating, unix timestamp; label NaN (derived from ratings)."""
+    return pd.DataFrame(
+        {
+            "user_id": to_ids(inter["user_id"], path, "user_id"),
+            "item_id": to_ids(inter["item_id"], path, "item_id"),
+            "rating": to_float(inter["rating"], path, "rating", "a numeric rating"),
+            "label": np.full(len(inter), np.nan),
+            "timestamp": to_timestamp(inter["timestamp"], path, "timestamp", "unix"),
+            "_row": np.arange(1, len(inter) + 1),
+        }
+    )
+
+
+def _layout_tables(layout: str, i_df: pd.DataFrame, it_df: pd.DataFrame, users: pd.DataFrame,
+                   paths: tuple[Path, Path, Path], names: tuple[str, str, str, str]) -> RawTables:
+    """The `RawTables` of one layout; ``names``: what its files call the user id, the item id (interactions),
+    the item id and the title (items), for messages that point at the input."""
+    p_in, p_it, p_us = paths
+    user, item, movie, title = names
     files = {"interactions": str(p_in), "items": str(p_it), "users": str(p_us)}
     fields = {
-        "interactions": {"user_id": "user id", "item_id": "item id"},
-        "items": {"item_id": "movie id", "title": "movie title"},
-        "users": {"user_id": "user id"},
+        "interactions": {"user_id": user, "item_id": item},
+        "items": {"item_id": movie, "title": title},
+        "users": {"user_id": user},
     }
-    return RawTables(i_df, it_df, u_df, "official layout", files, fields)
+    return RawTables(i_df, it_df, _users_frame(users, p_us, "zip_code"), layout, files, fields)
 
 
 def _users_frame(users: pd.DataFrame, path: Path, zip_col: str) -> pd.DataFrame:
