@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +70,14 @@ def open_bank(url_or_path: str | os.PathLike, *, create: bool = False, reload: b
 
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """Tensor names and shapes from the safetensors header (8-byte length + JSON), without loading data."""
+def _safetensors_shapes(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Tensor shapes and the file's metadata, read from the header only (no tensor data is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 << 20:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        return header
-    except (struct.error, ValueError, OSError) as e:
+        with safe_open(path, "np") as f:
+            return {k: f.get_slice(k).get_shape() for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 - not iterable
+    except (SafetensorError, OSError) as e:
         raise InputError(path, f"not a readable safetensors file ({e})") from None
 
 
@@ -141,18 +136,18 @@ def read_profiles_dir(profiles_dir: str | os.PathLike) -> tuple[pd.DataFrame, di
         source=cfg_path,
     )
 
-    header = _safetensors_header(cb_path)
+    shapes, cb_meta = _safetensors_shapes(cb_path)
     # lineage of a refit (`profile fit --previous`): the codebooks whose IDs these were relabelled to keep.
     # Serving still refuses a bank whose codebook_hash differs from the CTR model's (the refit keeps IDs only
     # where the clusters allow); the record tells an operator which bank this one replaces.
-    previous = (header.get("__metadata__") or {}).get("previous_codebook_hash")
+    previous = cb_meta.get("previous_codebook_hash")
     if previous:
         meta["codebook_previous_hash"] = str(previous)
     for p in meta["profiles"]:
         key = f"codebook.{p['name']}"
-        if key not in header:
+        if key not in shapes:
             raise InputError(cb_path, f"missing tensor for profile '{p['name']}'", field=key)
-        shape = header[key].get("shape") if isinstance(header[key], dict) else None
+        shape = shapes[key]
         if not shape or shape[0] != p["size"]:
             raise InputError(
                 cb_path, f"has shape {shape}, but config.yaml says codebook_size {p['size']}", field=key
