@@ -31,7 +31,7 @@ from userip.bank import import_parquet
 from userip.ctr import load_model
 from userip.data import ctr_examples, prepare
 from userip.errors import UseripError
-from userip.serve import Scorer, create_app
+from userip.serve import CTRScorer, create_app
 
 try:  # tests/ as a plain directory (conftest on sys.path) or as a package (tests/__init__.py)
     from conftest import make_tiny, write_csv
@@ -299,7 +299,7 @@ def test_internal_error_is_a_logged_500_and_not_fatal(client, monkeypatch, caplo
 
 # ---------------------------------------------------------------------------------------------- loading
 def test_backbone_choice_and_scorer_api(world):
-    scorer = Scorer(str(world.bank), world.ctr, backbone="din")
+    scorer = CTRScorer(str(world.bank), world.ctr, backbone="din")
     try:
         assert scorer.backbone == "din" and "history" in scorer.fields
         res = scorer.score("6", ["4", "8"])
@@ -310,11 +310,11 @@ def test_backbone_choice_and_scorer_api(world):
     finally:
         scorer.close()
     with pytest.raises(UseripError, match="no model for backbone 'nope'"):
-        Scorer(str(world.bank), world.ctr, backbone="nope")
+        CTRScorer(str(world.bank), world.ctr, backbone="nope")
 
 
 def test_history_train_mode_uses_only_train_events(world):
-    a = Scorer(str(world.bank), world.ctr, backbone="din", history="train")
+    a = CTRScorer(str(world.bank), world.ctr, backbone="din", history="train")
     try:
         u = int(world.data.user_index(["10"])[0])
         inter = world.data.interactions
@@ -324,7 +324,7 @@ def test_history_train_mode_uses_only_train_events(world):
     finally:
         a.close()
     with pytest.raises(UseripError, match="history must be"):
-        Scorer(str(world.bank), world.ctr, history="future")
+        CTRScorer(str(world.bank), world.ctr, history="future")
 
 
 def test_refuses_a_ctr_dir_of_a_newer_format_naming_it(world, tmp_path):
@@ -334,7 +334,7 @@ def test_refuses_a_ctr_dir_of_a_newer_format_naming_it(world, tmp_path):
     assert marker["format_version"] == 1
     (ctr / ".userip.json").write_text(json.dumps({**marker, "format_version": 5}))
     with pytest.raises(UseripError, match="format_version 5"):
-        Scorer(str(world.bank), ctr, data_dir=world.run / "data")
+        CTRScorer(str(world.bank), ctr, data_dir=world.run / "data")
 
 
 def test_refuses_models_without_profile_ids(world, tmp_path):
@@ -345,7 +345,7 @@ def test_refuses_models_without_profile_ids(world, tmp_path):
         cfg["variant"] = "base"
         f.write_text(json.dumps(cfg))
     with pytest.raises(UseripError, match=r"no model was trained with the profile IDs"):
-        Scorer(str(world.bank), ctr)
+        CTRScorer(str(world.bank), ctr)
 
 
 def test_refuses_a_bank_of_other_data_or_codebooks(world, tmp_path):
@@ -358,11 +358,11 @@ def test_refuses_a_bank_of_other_data_or_codebooks(world, tmp_path):
 
 
 def test_bank_rebuild_is_picked_up_and_a_bad_one_gives_503(world, tmp_path, monkeypatch):
-    import userip.serve.scorer as scorer_mod
+    import userip.serve.bank_reader as bank_reader
 
     bank = tmp_path / "live.sqlite"
     _write_bank(bank, world.data.fingerprint)
-    monkeypatch.setattr(scorer_mod, "BANK_CHECK_S", 0.0)
+    monkeypatch.setattr(bank_reader, "BANK_CHECK_S", 0.0)
     with TestClient(create_app(str(bank), world.ctr, data_dir=world.run / "data")) as c:
         assert c.get("/v1/users/1/profile").json()["profiles"]["hobby"]["id"] == HOBBY["1"]
         new = dict(HOBBY, **{"1": 1 + HOBBY["1"] % 4})

@@ -1,4 +1,10 @@
-"""CTR examples: one row per interaction of a split, as int64/float32 arrays ready for embedding lookups.
+"""CTR inputs: the feature tables of the data, and one row per interaction of a split built from them.
+
+``feature_tables`` is the one builder of the per-user and per-item tables (genre codes, side-feature codes,
+vocabulary sizes) that every CTR input is gathered from: ``ctr_examples`` gathers training rows from them
+and ``userip.serve`` gathers served rows from them, so a served input cannot drift from a trained one. The
+history of a row is the one thing that differs: a logged event's history is what came strictly before it
+(``history_matrix``), a served request's is the user's latest items (``latest_history``).
 
 All vocabularies (genres, side-feature values) are fixed from the full items/users tables, never from one
 split, so train/val/test share the same codes and embedding-table sizes.
@@ -120,6 +126,27 @@ def genre_matrix(data: PreparedData) -> np.ndarray:
     return mat
 
 
+@dataclass(eq=False)
+class FeatureTables:
+    """Per-item and per-user lookup tables of one DATA dir (row 0 = unknown, all codes 0)."""
+
+    genres: np.ndarray  # [n_items + 1, G] genre codes of each item_idx (``genre_matrix``)
+    side: dict[str, np.ndarray]  # side field -> code of each user_idx, [n_users + 1] (``side_feature_codes``)
+    vocab: dict[str, int]  # embedding-table sizes including index 0: user, item, genre, each side field
+    side_values: dict[str, list[str]]  # code i+1 -> side_values[f][i]
+
+    def rows(self, user: np.ndarray, item: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """For rows (user_idx, item_idx): the item's genre codes [N, G] and the user's code per side field."""
+        return self.genres[item], {f: table[user] for f, table in self.side.items()}
+
+
+def feature_tables(data: PreparedData) -> FeatureTables:
+    """The feature tables of ``data``: what training (``ctr_examples``) and serving both read."""
+    codes, side_vocab, names = side_feature_codes(data)
+    vocab = {"user": data.n_users + 1, "item": data.n_items + 1, "genre": len(data.genre_vocab) + 1, **side_vocab}
+    return FeatureTables(genre_matrix(data), codes, vocab, names)
+
+
 def history_matrix(inter: pd.DataFrame, history_len: int) -> np.ndarray:
     """[N, H] item_idx the user interacted with strictly earlier in time (any split), most recent last.
 
@@ -144,6 +171,23 @@ def history_matrix(inter: pd.DataFrame, history_len: int) -> np.ndarray:
     return h
 
 
+def latest_history(data: PreparedData, history_len: int, *, split: str | None = None) -> np.ndarray:
+    """[n_users + 1, H] each user's H most recent items (time order, most recent last, 0-padded on the left):
+    the history of a request scored now. ``split`` keeps only that split's events (e.g. "train")."""
+    table = np.zeros((data.n_users + 1, history_len), dtype=np.int64)
+    inter = data.interactions
+    if split is not None:
+        inter = inter[inter["split"] == split]
+    if history_len == 0 or len(inter) == 0:
+        return table
+    inter = inter.sort_values(["user_idx", "timestamp"], kind="stable")
+    rank = inter.groupby("user_idx", sort=False).cumcount(ascending=False).to_numpy()
+    keep = rank < history_len
+    users = inter["user_idx"].to_numpy(dtype=np.int64)[keep]
+    table[users, history_len - 1 - rank[keep]] = inter["item_idx"].to_numpy(dtype=np.int64)[keep]
+    return table
+
+
 def ctr_examples(data: PreparedData, split: str, *, history_len: int = 20) -> CTRExamples:
     """CTR rows for ``split`` ("train", "val", "test" or "all").
 
@@ -162,23 +206,17 @@ def ctr_examples(data: PreparedData, split: str, *, history_len: int = 20) -> CT
     rows = inter[mask]
     user = rows["user_idx"].to_numpy(dtype=np.int64)
     item = rows["item_idx"].to_numpy(dtype=np.int64)
-    gm = genre_matrix(data)
-    codes, side_vocab, names = side_feature_codes(data)
-    vocab = {
-        "user": data.n_users + 1,
-        "item": data.n_items + 1,
-        "genre": len(data.genre_vocab) + 1,
-        **side_vocab,
-    }
+    tables = feature_tables(data)
+    genres, side = tables.rows(user, item)
     return CTRExamples(
         user=user,
         item=item,
-        genres=gm[item],
+        genres=genres,
         history=hist[mask],
-        side={f: table[user] for f, table in codes.items()},
+        side=side,
         label=rows["label"].to_numpy(dtype=np.float32),
         timestamp=rows["timestamp"].to_numpy(dtype=np.int64),
-        vocab=vocab,
+        vocab=dict(tables.vocab),
         split=split,
-        side_values=names,
+        side_values=tables.side_values,
     )

@@ -1,4 +1,4 @@
-"""The HTTP API (FastAPI) over a :class:`~userip.serve.scorer.Scorer`, and ``serve`` to run it with uvicorn.
+"""The HTTP API (FastAPI) over a :class:`~userip.serve.scorer.CTRScorer`, and ``serve`` to run it with uvicorn.
 
 Endpoints: ``GET /healthz``, ``GET /v1/meta``, ``GET /v1/users/{user_id}/profile``, ``POST /v1/score``.
 Ids are the dataset's own ids, as strings (a whole JSON number in a score request is read as its string
@@ -25,7 +25,8 @@ from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from userip.errors import UseripError
-from userip.serve.scorer import Scorer, Unavailable
+from userip.serve.bank_reader import Unavailable
+from userip.serve.scorer import CTRScorer
 
 log = logging.getLogger("userip.serve")
 
@@ -155,7 +156,7 @@ def create_app(
     explanations: str | os.PathLike | None = None,
     history: str = "all",
     torch_threads: int | None = 1,
-    scorer: Scorer | None = None,
+    scorer: CTRScorer | None = None,
 ) -> FastAPI:
     """Load the model, feature tables and bank once (errors surface here, not on the first request) and
     return the app. ``torch_threads=1``: one request at a time per core beats intra-op threads for batches
@@ -169,7 +170,7 @@ def create_app(
     if torch_threads is not None:
         torch.set_num_threads(int(torch_threads))
     if scorer is None:
-        scorer = Scorer(bank, ctr_dir, data_dir, backbone, explanations=explanations, history=history)
+        scorer = CTRScorer(bank, ctr_dir, data_dir, backbone, explanations=explanations, history=history)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
