@@ -108,17 +108,15 @@ class NaiveStep:
     """The reference implementation's E-step update, kept deliberately plain (see module docstring)."""
 
     def __init__(self, llm, cfg, n_users: int, device: str, seed: int = 0) -> None:
-        from userip.profile.template import build_layout
+        from userip.profile.model import SoftPrompt
 
         self.llm, self.cfg, self.device = llm, cfg, device
-        self.layout = build_layout(llm.tokenizer, cfg.template, cfg.names, [p.n_tokens for p in cfg.profiles])
+        self.prompt = SoftPrompt(llm, cfg)  # the fp32 prompt embeddings: the naive copy is an fp32 model
+        self.layout = self.prompt.layout
         m, n, H = len(cfg.profiles), max(p.n_tokens for p in cfg.profiles), llm.hidden_size
         g = torch.Generator().manual_seed(seed)
         self.table = torch.nn.Parameter((torch.rand(n_users + 1, m, n, H, generator=g) * 0.2 - 0.1).to(device))
         self.opt = torch.optim.Adam([self.table], lr=cfg.lr_user)
-        emb = llm.input_embeddings()
-        with torch.no_grad():
-            self.prefix_emb = emb(self.layout.prefix_ids.to(device)).float()
         tok = llm.tokenizer
         self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
@@ -135,15 +133,9 @@ class NaiveStep:
             attn[i, : P + len(r)] = 1
         beh, labels, attn = beh.to(self.device), labels.to(self.device), attn.to(self.device)
         theta = self.table[users.to(self.device)]  # [B, m, n, H]
-        pieces, cursor = [], 0
-        prefix = self.prefix_emb[None].expand(B, -1, -1)
-        for k, pos in sorted(enumerate(self.layout.soft_positions), key=lambda kv: int(kv[1][0])):
-            start, n_k = int(pos[0]), self.cfg.profiles[k].n_tokens
-            pieces += [prefix[:, cursor:start], theta[:, k, :n_k]]
-            cursor = start + n_k
         with torch.no_grad():
             beh_emb = self.llm.input_embeddings()(beh).float()
-        x = torch.cat(pieces + [prefix[:, cursor:], beh_emb], dim=1)
+        x = self.prompt(theta, beh_emb)
         out = self.llm.model(inputs_embeds=x, attention_mask=attn, labels=labels)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()

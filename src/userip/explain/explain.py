@@ -8,7 +8,6 @@ evidence about users; the first two are a look at the embedding space and often 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from collections.abc import Mapping
@@ -21,7 +20,8 @@ import torch
 from userip.errors import UseripError
 from userip.explain.codes import ProfileCodes, load_profile_codes
 from userip.io import write_json
-from userip.profile.template import build_layout, parse_template
+from userip.profile.model import SoftPrompt
+from userip.profile.template import parse_template
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class TokenIndex:
 def generation_template(template: str, names: list[str], suffix: str = DEFAULT_SUFFIX) -> str:
     """The profile template with its tail (text after the last profile slot, e.g. "The user watched:")
     replaced by ``suffix``; punctuation right after the last slot is kept. Still ends with {behaviour},
-    so :func:`build_layout` lays it out exactly like the training prompt."""
+    so `SoftPrompt` lays it out exactly like the training prompt."""
     texts, _ = parse_template(template, names)
     slots = [m for m in _SLOT.finditer(template) if m.group(1) != "behaviour"]
     if not slots:
@@ -177,53 +177,35 @@ class PhraseDecoder:
     def __init__(self, llm, cfg, suffix: str = DEFAULT_SUFFIX) -> None:
         self.llm, self.cfg = llm, cfg
         self.template = generation_template(cfg.template, cfg.names, suffix)
-        self.layout = build_layout(llm.tokenizer, self.template, cfg.names, [p.n_tokens for p in cfg.profiles])
-        with torch.no_grad():
-            self.prefix_emb = llm.input_embeddings()(self.layout.prefix_ids.to(llm.device)).to(llm.dtype)
-        params = inspect.signature(llm.model.forward).parameters
-        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes in 5.40)
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.prompt = SoftPrompt(llm, cfg, self.template)  # laid out exactly like the training prompt
+        self.layout = self.prompt.layout
 
     def embed(self, theta: torch.Tensor) -> torch.Tensor:
         """inputs_embeds [B, P, H] of the prompt with ``theta`` [B, m, n, H] in the soft-token slots
-        (the same assembly as ``Scorer.embed_rows``, without behaviour tokens)."""
-        x = self.prefix_emb[None].expand(theta.shape[0], -1, -1).clone()
-        for k, pos in enumerate(self.layout.soft_positions):
-            x[:, pos.to(x.device)] = theta[:, k, : len(pos)].to(device=x.device, dtype=x.dtype)
-        return x
+        (the training prompt's assembly, without behaviour tokens)."""
+        return self.prompt(theta)
 
     @torch.no_grad()
     def decode(self, theta: torch.Tensor, max_new_tokens: int = 12) -> list[str]:
-        """One greedy continuation per row of ``theta``.
+        """One greedy continuation per row of ``theta`` (``model.generate`` from ``inputs_embeds``).
 
         Plain causal attention: the profile-aware block mask is a training device (it makes each soft token
         be read next to its own name only); generation reads the prompt left to right like any text. All rows
-        share the prompt layout, so there is no padding and no attention mask beyond causal.
+        share the prompt layout, so there is no padding and no attention mask beyond causal. A row that has
+        ended is filled with EOS, which decoding drops.
         """
+        from transformers import GenerationConfig
+
         model, tok = self.llm.model, self.llm.tokenizer
+        if max_new_tokens < 1:
+            return [""] * theta.shape[0]
         x = self.embed(theta)
-        B = x.shape[0]
         eos = tok.eos_token_id
-        out = model(inputs_embeds=x, attention_mask=torch.ones(B, x.shape[1], dtype=torch.long, device=x.device),
-                    use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        done = torch.zeros(B, dtype=torch.bool, device=x.device)
-        new: list[torch.Tensor] = []
-        length = x.shape[1]
-        for step in range(max_new_tokens):
-            nxt = out.logits[:, -1].float().argmax(-1)
-            if eos is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-                done |= nxt == eos
-            new.append(nxt)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            length += 1
-            out = model(input_ids=nxt[:, None], use_cache=True, **{self._cache_kw: cache},
-                        attention_mask=torch.ones(B, length, dtype=torch.long, device=x.device))
-            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        ids = torch.stack(new, 1).cpu().tolist() if new else [[] for _ in range(B)]
-        return [_clean(tok.decode(row, skip_special_tokens=True)) for row in ids]
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
+                               pad_token_id=eos)
+        ids = model.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
+                                                                          device=x.device), generation_config=gen)
+        return [_clean(tok.decode(row, skip_special_tokens=True)) for row in ids.cpu().tolist()]
 
 
 def _clean(text: str) -> str:

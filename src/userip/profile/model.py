@@ -102,6 +102,37 @@ def text_init_embeddings(llm: LLM, cfg: ProfileConfig) -> torch.Tensor:
     return out
 
 
+class SoftPrompt:
+    """The prompt with soft-token slots, as ``inputs_embeds``: the one place it is assembled (fitting, the
+    explanations' phrases, the benchmark's reference step).
+
+    ``template`` (default ``cfg.template``) is laid out (`build_layout`) and its fixed text embedded once;
+    calling it puts profile k's first ``n_tokens`` soft tokens of ``theta`` [B, m, n, H] in its slots and
+    appends the embedded ``behaviour`` [B, T, H] when given: [B, P (+ T), H], differentiable in ``theta``.
+    """
+
+    def __init__(self, llm: LLM, cfg: ProfileConfig, template: str | None = None) -> None:
+        self.layout: PromptLayout = build_layout(
+            llm.tokenizer, template or cfg.template, cfg.names, [p.n_tokens for p in cfg.profiles]
+        )
+        with torch.no_grad():  # the frozen template pieces are embedded once
+            self.prefix_emb = llm.input_embeddings()(self.layout.prefix_ids.to(llm.device)).to(llm.dtype)
+
+    def __call__(self, theta: torch.Tensor, behaviour: torch.Tensor | None = None) -> torch.Tensor:
+        prefix = self.prefix_emb[None].expand(theta.shape[0], -1, -1)
+        pieces = []
+        cursor = 0
+        for k, pos in sorted(enumerate(self.layout.soft_positions), key=lambda kv: int(kv[1][0])):
+            start, n_k = int(pos[0]), len(pos)
+            pieces.append(prefix[:, cursor:start])
+            pieces.append(theta[:, k, :n_k].to(device=prefix.device, dtype=prefix.dtype))
+            cursor = start + n_k
+        pieces.append(prefix[:, cursor:])
+        if behaviour is not None:
+            pieces.append(behaviour)
+        return torch.cat(pieces, dim=1)
+
+
 class Scorer:
     """Computes per-row behaviour NLL under given soft tokens with a frozen LM.
 
@@ -111,14 +142,10 @@ class Scorer:
 
     def __init__(self, llm: LLM, cfg: ProfileConfig) -> None:
         self.llm, self.cfg = llm, cfg
-        self.layout: PromptLayout = build_layout(
-            llm.tokenizer, cfg.template, cfg.names, [p.n_tokens for p in cfg.profiles]
-        )
+        self.prompt = SoftPrompt(llm, cfg)
+        self.layout: PromptLayout = self.prompt.layout
         self.device = llm.device
         self.dtype = llm.dtype
-        embed = llm.input_embeddings()
-        with torch.no_grad():  # the frozen template pieces are embedded once
-            self.prefix_emb = embed(self.layout.prefix_ids.to(self.device)).to(self.dtype)
         self.lm_head = llm.model.get_output_embeddings()
         # logits are [ce_chunk, vocab] fp32, kept for backward: cap a chunk at 2^26 logits (256 MiB), which leaves
         # SmolLM2's 49k vocabulary at the configured 1024 and takes Gemma-3's 262k down to 256 rows per chunk.
@@ -132,22 +159,10 @@ class Scorer:
             llm.model.train()  # HF only checkpoints in training mode; dropout is 0 in these LMs
 
     def embed_rows(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
-        B = batch.size
-        embed = self.llm.input_embeddings()
+        """inputs_embeds [B, L, H] of prompt + behaviour."""
         with torch.no_grad():
-            beh = embed(batch.behaviour.to(self.device)).to(self.dtype)
-        pieces = []
-        prefix = self.prefix_emb[None].expand(B, -1, -1)
-        cursor = 0
-        for k, pos in sorted(enumerate(self.layout.soft_positions), key=lambda kv: int(kv[1][0])):
-            start = int(pos[0])
-            pieces.append(prefix[:, cursor:start])
-            n_k = self.cfg.profiles[k].n_tokens
-            pieces.append(theta[:, k, :n_k].to(device=self.device, dtype=self.dtype))
-            cursor = start + n_k
-        pieces.append(prefix[:, cursor:])
-        pieces.append(beh)
-        return torch.cat(pieces, dim=1)
+            beh = self.llm.input_embeddings()(batch.behaviour.to(self.device)).to(self.dtype)
+        return self.prompt(theta, beh)
 
     def hidden_states(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Final hidden states [B, L, H] of the frozen LM over prompt + behaviour."""
