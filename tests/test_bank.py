@@ -591,6 +591,8 @@ def test_redis_url_parsing() -> None:
     loc = parse_redis_url("redis://:s3cret@[::1]:7001/2?connect_timeout=0.25&timeout=5")
     assert (loc.host, loc.port, loc.password, loc.connect_timeout, loc.timeout) == ("::1", 7001, "s3cret", 0.25, 5)
     assert "s3cret" not in loc.url and loc.url == "redis://:***@[::1]:7001/2?name=default"
+    loc = parse_redis_url("redis://u%40x:p%3Aw@h/1?name=b")  # credentials are percent-decoded (redis-py)
+    assert (loc.username, loc.password, loc.url) == ("u@x", "p:w", "redis://u%40x:***@h:6379/1?name=b")
     bad = {
         "redis://h:99999/0": "port must be a number",
         "redis://h:1/zero": "database number",
