@@ -208,13 +208,6 @@ def write_world(d: Path, n_users: int = 40, n_items: int = 50, seed: int = 0) ->
     return write_taste_world(d, n_users=n_users, n_items=n_items, seed=seed)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS so far (MB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 

@@ -40,13 +40,13 @@ from _common import (  # noqa: E402
     median,
     model_shape,
     out_path,
-    peak_rss_mb,
     step_flops,
     synchronizer,
     synthetic_windows,
     verdict,
     write_result,
 )
+from userip.monitor import peak_rss_mb  # noqa: E402
 
 NAME = "em_step"
 TARGET_SPEEDUP = 3.0

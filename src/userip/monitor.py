@@ -1,14 +1,33 @@
-"""Wall time and peak RSS per pipeline stage (sampled in a background thread)."""
+"""Memory and time: the process's RSS now and at its peak, and wall time and peak RSS per pipeline stage.
+
+The one place userip measures memory (in MiB): the profile fit's per-epoch RSS and final peak, the stage table
+of `userip run` and the benchmarks' peaks all come from here.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psutil
+
+
+def rss_mb() -> float:
+    """This process's resident set size now (MiB)."""
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size since it started (MiB; the kernel's high-water mark, so it misses
+    no short spike, but it never goes down: a stage's own peak is `measure`'s job)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 @dataclass
@@ -20,15 +39,15 @@ class StageUsage:
 
 @contextlib.contextmanager
 def measure(interval: float = 0.1) -> Iterator[StageUsage]:
-    """Yield a StageUsage that is filled in when the block ends."""
+    """Yield a StageUsage that is filled in when the block ends: the block's wall time and the largest RSS
+    sampled every ``interval`` seconds while it ran."""
     usage = StageUsage()
-    proc = psutil.Process()
     stop = threading.Event()
-    peak = [proc.memory_info().rss]
+    peak = [rss_mb()]
 
     def sample() -> None:
         while not stop.wait(interval):
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            peak[0] = max(peak[0], rss_mb())
 
     t = threading.Thread(target=sample, daemon=True)
     t0 = time.perf_counter()
@@ -38,9 +57,9 @@ def measure(interval: float = 0.1) -> Iterator[StageUsage]:
     finally:
         stop.set()
         t.join()
-        peak[0] = max(peak[0], proc.memory_info().rss)
+        peak[0] = max(peak[0], rss_mb())
         usage.wall_s = time.perf_counter() - t0
-        usage.peak_rss_mb = peak[0] / 2**20
+        usage.peak_rss_mb = peak[0]
 
 
 def release_memory() -> None:
@@ -49,7 +68,6 @@ def release_memory() -> None:
     Batches of varying length leave the allocator's arenas fragmented, so RSS creeps up epoch after epoch
     (3.9 -> 4.5 GB over two epochs of the default fit); trimming now and then keeps it at the working set.
     """
-    import contextlib
     import ctypes
     import gc
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from userip.errors import UseripError
 from userip.io import atomic_path, check_format, read_yaml, write_json, write_yaml
+from userip.monitor import peak_rss_mb
 from userip.profile.config import ProfileConfig
 from userip.profile.corpus import Corpus
 from userip.profile.em import ProfileFitter
@@ -133,7 +134,7 @@ def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2
         "ceiling": getattr(fitter, "ceiling_metrics", None),
         "processes": fitter.dist.world,
         "wall_s": time.perf_counter() - t0,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
     if refit is not None:
         metrics["refit"] = refit
@@ -260,9 +261,3 @@ def id_counts(profiles_dir: str | Path) -> dict[str, dict[int, int]]:
         vc = ids[p["name"]].value_counts()
         out[p["name"]] = {k: int(vc.get(k, 0)) for k in range(1, int(p["codebook_size"]) + 1)}
     return out
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from userip.errors import UseripError
+from userip.monitor import rss_mb
 from userip.profile.checkpoint import resume, save_checkpoint
 from userip.profile.config import ProfileConfig
 from userip.profile.corpus import Corpus
@@ -118,7 +119,7 @@ class Fitter:
             m.update(self.evaluate(full=cfg.eval_each_epoch == "full"))
             m.update(self.code_stats())
             m["wall_s"] = time.perf_counter() - t0
-            m["rss_mb"] = _rss_mb()
+            m["rss_mb"] = rss_mb()
             st.metrics.append(m)
             # select on the selection half of the evaluation users (reported figures come from the other half)
             score = m["select"]["heldout"]["own"] if "select" in m else m["heldout"]["own"] if "heldout" in m \
@@ -431,12 +432,6 @@ def _derangement(n: int, g: torch.Generator) -> torch.Tensor:
     """A random permutation with no fixed point (a user never gets their own tokens as 'shuffled')."""
     perm = torch.randperm(n, generator=g)
     return torch.roll(perm, 1)[torch.argsort(perm)]
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def _epoch_line(m: dict[str, Any]) -> str:
