@@ -39,6 +39,8 @@ OUTPUT_FILES: dict[str, tuple[str, ...]] = {
     "baseline": ("profile_ids.parquet", "profiles.safetensors", "codebooks.safetensors", "config.yaml",
                  "meta.json", "texts.parquet"),
     "ctr": ("results.json", "results.md", "predictions.npz", "models/*.safetensors", "models/*.json"),
+    # `userip export fuxictr`: FuxiCTR's own outputs beside them (fuxictr_data/, checkpoints/) are never removed
+    "fuxictr": ("train.csv", "valid.csv", "test.csv", "dataset_config.yaml", "model_config.yaml", "export.json"),
     "run": ("run.json", "config.yaml", "bank.sqlite", "explanations.json", "probe.json", "probe.md",
             "report.md", "report.html", "plots/*.png", "baselines/cache/text_profiles.parquet",
             ".bank.sqlite.*.building", ".bank.sqlite.*.building-journal"),

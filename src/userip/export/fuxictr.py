@@ -31,14 +31,10 @@ import numpy as np
 import pandas as pd
 
 from userip.errors import UseripError
-from userip.io import OUTPUT_FILES, output_dir, read_json, read_yaml, write_json, write_yaml
+from userip.io import output_dir, read_json, read_yaml, write_json, write_yaml
 
-KIND = "fuxictr"
+KIND = "fuxictr"  # the export's kind of output directory (userip.io.OUTPUT_FILES: what a re-export may replace)
 SPLIT_FILES = {"train": "train.csv", "val": "valid.csv", "test": "test.csv"}  # FuxiCTR calls val "valid"
-FILES = (*SPLIT_FILES.values(), "dataset_config.yaml", "model_config.yaml", "export.json")
-# The export's own kind of output directory: the files a re-export (--overwrite) may replace. FuxiCTR's own
-# outputs under the same folder (fuxictr_data/, checkpoints/) are not userip's and are never removed.
-OUTPUT_FILES.setdefault(KIND, FILES)
 
 SEP = "^"  # FuxiCTR's default sequence splitter
 LABEL = "label"
