@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from ctr_world import make_examples
+from userip.bank.protocol import check_compatible
 from userip.ctr import (
     FeatureSpec,
     Field,
@@ -183,9 +184,9 @@ def test_label_rate_source_reads_only_the_train_split(learnable):
     kw = {"backbones": ["dcn"], "seeds": [0], "settings": ["no_user_id"], "variants": ["+label-rate"],
           "max_epochs": 1}
     captured = []
-    import userip.ctr.run as ctr_run
+    import userip.ctr.sources as ctr_sources
 
-    orig = ctr_run.quantile_buckets
+    orig = ctr_sources.quantile_buckets
 
     def spy(values, n):
         out = orig(values, n)
@@ -194,7 +195,7 @@ def test_label_rate_source_reads_only_the_train_split(learnable):
 
     flipped = [SimpleNamespace(**{**vars(s), "label": 1 - s.label}) for s in (va, te)]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ctr_run, "quantile_buckets", spy)
+        mp.setattr(ctr_sources, "quantile_buckets", spy)
         _run(splits, group, activity, **kw)
         _run((tr, *flipped), group, activity, **kw)
     assert len(captured) == 4  # activity and label-rate, twice
@@ -303,12 +304,22 @@ class _FakeBank:
     def __init__(self, table, fingerprint):
         self.table, self.fp = table, fingerprint
         self.profile_names = ["hobby"]
+        self.closed = False
 
     def meta(self):
         return {"data_fingerprint": self.fp, "profiles": [{"name": "hobby", "size": 4}]}
 
     def get(self, user_ids):
         return np.array([[self.table.get(u, 0)] for u in user_ids], dtype=np.int64)
+
+    def close(self):
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 @pytest.fixture
@@ -325,10 +336,16 @@ def fake_stages(learnable, monkeypatch):
     data_mod = types.ModuleType("userip.data")
     data_mod.load_prepared = lambda path: data
     data_mod.ctr_examples = lambda d, split, history_len=20: ex[split]
-    bank_state = {"fp": "fp-data"}
+    bank_state = {"fp": "fp-data", "opened": []}
+
+    def open_bank(url):
+        bank_state["opened"].append(_FakeBank({f"u{i}": int(group[i]) for i in range(1, n_users + 1)},
+                                              bank_state["fp"]))
+        return bank_state["opened"][-1]
+
     bank_mod = types.ModuleType("userip.bank")
-    bank_mod.open_bank = lambda url: _FakeBank({f"u{i}": int(group[i]) for i in range(1, n_users + 1)},
-                                               bank_state["fp"])
+    bank_mod.check_compatible = check_compatible
+    bank_mod.open_bank = open_bank
     monkeypatch.setitem(sys.modules, "userip.data", data_mod)
     monkeypatch.setitem(sys.modules, "userip.bank", bank_mod)
     return bank_state
@@ -346,6 +363,7 @@ def test_train_ctr_writes_results_and_checks_fingerprint(fake_stages, tmp_path):
     fake_stages["fp"] = "fp-other"
     with pytest.raises(UseripError, match="fp-other.*fp-data"):
         train_ctr("DATA", "BANK", backbones="dcn", seeds=1, out=tmp_path)
+    assert len(fake_stages["opened"]) == 2 and all(b.closed for b in fake_stages["opened"])  # closed, refused too
 
 
 def test_train_ctr_reads_personal_tokens(fake_stages, learnable, tmp_path):

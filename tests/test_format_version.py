@@ -69,7 +69,7 @@ def test_bank_build_and_probe_refuse_newer_profiles(tmp_path: Path) -> None:
 
 def test_ctr_explain_and_infer_refuse_newer_profiles(tmp_path: Path) -> None:
     from test_bank import write_profiles_dir
-    from userip.ctr.run import _load_personal
+    from userip.ctr.train import load_personal
     from userip.explain.codes import load_profile_codes
     from userip.profile import infer_profiles
 
@@ -77,7 +77,7 @@ def test_ctr_explain_and_infer_refuse_newer_profiles(tmp_path: Path) -> None:
     claim_output_dir(prof, "profiles", overwrite=True, clear=False).complete()
     _set_version(prof, 9)
     with pytest.raises(UseripError, match="format_version 9"):
-        _load_personal(prof, 5, None)
+        load_personal(prof, 5, None)
     with pytest.raises(UseripError, match="format_version 9"):
         load_profile_codes(prof)
     with pytest.raises(UseripError, match="format_version 9"):

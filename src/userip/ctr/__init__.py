@@ -7,27 +7,26 @@ source beside its permuted twin, and the controls ``+activity`` and ``+label-rat
 intervals over test users and seeds, ``results_markdown`` into the headline. ``train_ctr`` does it from a
 prepared data dir and a feature bank. Backbones (FuxiCTR style) are in the registry:
 ``build_model(name, spec, **hparams)``.
+
+Modules, in reading order: ``inputs`` (examples -> base fields), ``sources`` (profile IDs, vectors, their
+permuted twins, the controls), ``variants`` (variant names and what each is compared with), ``run`` (the
+experiment loop), ``trainer`` (one fit, and the training defaults ``TRAIN``), ``models`` / ``layers`` (backbones,
+model files), ``table`` / ``stats`` (paired lifts, the headline), ``results`` (the result files), ``train``
+(``train_ctr`` from files, and how a bank is read).
 """
 
 from userip.ctr.layers import MLP, EmbeddingLayer, TargetAttention
-from userip.ctr.models import build_model, known_backbones, model_hparams, register
-from userip.ctr.run import (
-    DEFAULT_BACKBONES,
-    SETTINGS,
-    SLICES,
-    VARIANT_LISTS,
-    activity_buckets,
-    baseline_sources,
-    cold_users,
-    label_rate,
+from userip.ctr.models import (
+    build_model,
+    get_backbone,
+    known_backbones,
     load_model,
-    permute_ids,
-    quantile_buckets,
-    run_ctr_table,
+    model_hparams,
+    register,
     save_model,
-    train_ctr,
-    user_label_rates,
 )
+from userip.ctr.run import SETTINGS, SLICES, run_ctr_table
+from userip.ctr.sources import activity_buckets, cold_users, label_rate, permute_ids, quantile_buckets
 from userip.ctr.spec import FeatureSpec, Field
 from userip.ctr.table import (
     TestPredictions,
@@ -39,13 +38,16 @@ from userip.ctr.table import (
     verdict,
     winners,
 )
-from userip.ctr.trainer import FitResult, RowLookup, fit, metrics, predict
+from userip.ctr.train import DEFAULT_BACKBONES, baseline_sources, read_bank_ids, train_ctr, user_label_rates
+from userip.ctr.trainer import TRAIN, FitResult, RowLookup, TrainSettings, fit, metrics, predict
+from userip.ctr.variants import VARIANT_LISTS
 
 __all__ = [
     "DEFAULT_BACKBONES",
     "MLP",
     "SETTINGS",
     "SLICES",
+    "TRAIN",
     "VARIANT_LISTS",
     "EmbeddingLayer",
     "FeatureSpec",
@@ -54,11 +56,13 @@ __all__ = [
     "RowLookup",
     "TargetAttention",
     "TestPredictions",
+    "TrainSettings",
     "activity_buckets",
     "baseline_sources",
     "build_model",
     "cold_users",
     "fit",
+    "get_backbone",
     "headline_tables",
     "known_backbones",
     "label_rate",
@@ -69,6 +73,7 @@ __all__ = [
     "permute_ids",
     "predict",
     "quantile_buckets",
+    "read_bank_ids",
     "register",
     "results_markdown",
     "run_ctr_table",

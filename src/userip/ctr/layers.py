@@ -1,7 +1,8 @@
-"""Building blocks: one embedding per field, an MLP, DIN's attention unit."""
+"""Building blocks: one embedding per field, an MLP, DIN's attention unit, DCN's two cross layers."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -95,3 +96,28 @@ class TargetAttention(nn.Module):
             s = torch.softmax(s.masked_fill(mask == 0, -1e9), dim=1)
         s = s * mask
         return (s.unsqueeze(-1) * keys).sum(1)  # [B, E]
+
+
+class CrossLayer(nn.Module):
+    """DCN's cross layer: ``x0 * (w . x) + b + x`` (a weight vector ``w`` [1, d] and a bias outside the product).
+
+    ``w`` is initialised as ``nn.Linear(d, 1, bias=False)`` initialises its weight, ``b`` with zeros."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x0 * nn.functional.linear(x, self.weight) + self.bias + x
+
+
+class FullRankCrossLayer(nn.Linear):
+    """DCN-V2's cross layer: ``x0 * (W x + b) + x`` (a full-rank ``W`` [d, d])."""
+
+    def __init__(self, d: int):
+        super().__init__(d, d)
+
+    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x0 * super().forward(x) + x

@@ -1,22 +1,26 @@
-"""CTR backbones behind one registry: ``build_model(name, spec, embedding_dim=8, **hparams)``.
+"""CTR backbones behind one registry: ``build_model(name, spec, embedding_dim=8, **hparams)``, and model files.
 
 Every model has the constructor ``Model(spec, embedding_dim=8, **hparams)`` and
 ``forward(inputs: dict[str, Tensor]) -> logits [B]``. Defaults follow the reference DCN setting
-(embedding 8, MLP 16-16, dropout 0.2).
+(embedding 8, MLP 16-16, dropout 0.2). :func:`save_model` writes a trained one (safetensors + a JSON config),
+:func:`load_model` rebuilds it.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from userip.ctr.layers import MLP, EmbeddingLayer, TargetAttention
+from userip.ctr.layers import MLP, CrossLayer, EmbeddingLayer, FullRankCrossLayer, TargetAttention
 from userip.ctr.spec import FeatureSpec
 from userip.errors import UseripError
 
+EMBEDDING_DIM = 8  # every backbone's default (the reference DCN setting), and run_ctr_table's
 _REGISTRY: dict[str, type[nn.Module]] = {}
 
 
@@ -35,12 +39,13 @@ def known_backbones() -> list[str]:
 
 def model_hparams(name: str) -> dict:
     """The hyper-parameters a backbone accepts, with their defaults."""
-    cls = _get(name)
+    cls = get_backbone(name)
     params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # drop self, spec
     return {p.name: p.default for p in params}
 
 
-def _get(name: str) -> type[nn.Module]:
+def get_backbone(name: str) -> type[nn.Module]:
+    """The backbone class registered as ``name`` (case-insensitive); an unknown name lists the known ones."""
     cls = _REGISTRY.get(str(name).lower())
     if cls is None:
         raise UseripError(f"unknown CTR backbone '{name}'; known: {', '.join(known_backbones())}")
@@ -49,7 +54,7 @@ def _get(name: str) -> type[nn.Module]:
 
 def build_model(name: str, spec: FeatureSpec, **cfg) -> nn.Module:
     """Instantiate backbone ``name``; ``model.ctr_config`` records what rebuilds it."""
-    cls = _get(name)
+    cls = get_backbone(name)
     accepted = model_hparams(name)
     unknown = sorted(set(cfg) - set(accepted))
     if unknown:
@@ -64,14 +69,70 @@ def build_model(name: str, spec: FeatureSpec, **cfg) -> nn.Module:
     return model
 
 
+# ------------------------------------------------------------------ model files
+def save_model(path: str | Path, model: nn.Module, extra: dict | None = None) -> None:
+    """Weights as safetensors plus ``<stem>.json`` with the backbone config and feature spec."""
+    from safetensors.torch import save_file
+
+    from userip.ctr.results import json_safe
+    from userip.io import atomic_path, write_json
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+    cfg = dict(model.ctr_config)
+    write_json(
+        path.with_suffix(".json"),
+        {
+            "format": 1,
+            "backbone": cfg.pop("backbone"),
+            "hparams": cfg,
+            "spec": model.ctr_spec.to_dict(),
+            **json_safe(extra or {}),
+        },
+    )
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Rebuild a model written by :func:`save_model` (path of the .safetensors or the .json), in eval mode."""
+    from safetensors.torch import load_file
+
+    from userip.io import read_json
+
+    path = Path(path)
+    weights, cfg_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    if not weights.exists() or not cfg_path.exists():
+        raise UseripError(f"model files not found: need {weights} and {cfg_path}")
+    cfg = read_json(cfg_path)
+    spec = FeatureSpec.from_dict(cfg["spec"])
+    model = build_model(cfg["backbone"], spec, **cfg.get("hparams", {}))
+    model.load_state_dict({_current_key(k): v for k, v in load_file(str(weights)).items()})
+    model.ctr_extra = {k: cfg[k] for k in ("variant", "setting", "seed", "id_sizes", "profile_fields") if k in cfg}
+    return model.eval()
+
+
+def _current_key(key: str) -> str:
+    """A DCN file written before DCN and DCNv2 shared one class names its cross layers' weights
+    ``cross_w.<i>.weight`` and ``cross_b.<i>``; today they are ``cross.<i>.weight`` and ``cross.<i>.bias``."""
+    m = re.fullmatch(r"cross_([wb])\.(\d+)(\.weight)?", key)
+    return f"cross.{m[2]}.{'weight' if m[1] == 'w' else 'bias'}" if m else key
+
+
+# ------------------------------------------------------------------ backbones
 @register("dcn")
 class DCN(nn.Module):
-    """Deep & Cross: x_{l+1} = x0 * (w_l . x_l) + b_l + x_l, in parallel with an MLP."""
+    """Deep & Cross: a stack of cross layers over the field embeddings, in parallel with an MLP.
+
+    The cross layer is the class's ``cross_layer``: here DCN's ``x_{l+1} = x0 * (w_l . x_l) + b_l + x_l``.
+    """
+
+    cross_layer: type[nn.Module] = CrossLayer
 
     def __init__(
         self,
         spec: FeatureSpec,
-        embedding_dim: int = 8,
+        embedding_dim: int = EMBEDDING_DIM,
         num_cross_layers: int = 3,
         hidden_units: Sequence[int] = (16, 16),
         dropout: float = 0.2,
@@ -79,36 +140,7 @@ class DCN(nn.Module):
         super().__init__()
         self.emb = EmbeddingLayer(spec, embedding_dim)
         d = len(spec) * embedding_dim
-        self.cross_w = nn.ModuleList(nn.Linear(d, 1, bias=False) for _ in range(num_cross_layers))
-        self.cross_b = nn.ParameterList(nn.Parameter(torch.zeros(d)) for _ in range(num_cross_layers))
-        self.dnn = MLP(d, hidden_units, dropout)
-        self.out = nn.Linear(d + (self.dnn.output_dim if hidden_units else 0), 1)
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        x0 = self.emb(inputs).flatten(1)
-        x = x0
-        for w, b in zip(self.cross_w, self.cross_b, strict=True):
-            x = x0 * w(x) + b + x
-        parts = [x, self.dnn(x0)] if len(self.dnn.net) else [x]
-        return self.out(torch.cat(parts, dim=1)).squeeze(-1)
-
-
-@register("dcnv2")
-class DCNv2(nn.Module):
-    """DCN-V2 (parallel): full-rank cross x_{l+1} = x0 * (W_l x_l + b_l) + x_l, beside an MLP."""
-
-    def __init__(
-        self,
-        spec: FeatureSpec,
-        embedding_dim: int = 8,
-        num_cross_layers: int = 3,
-        hidden_units: Sequence[int] = (16, 16),
-        dropout: float = 0.2,
-    ):
-        super().__init__()
-        self.emb = EmbeddingLayer(spec, embedding_dim)
-        d = len(spec) * embedding_dim
-        self.cross = nn.ModuleList(nn.Linear(d, d) for _ in range(num_cross_layers))
+        self.cross = nn.ModuleList(self.cross_layer(d) for _ in range(num_cross_layers))
         self.dnn = MLP(d, hidden_units, dropout)
         self.out = nn.Linear(d + (self.dnn.output_dim if hidden_units else 0), 1)
 
@@ -116,9 +148,16 @@ class DCNv2(nn.Module):
         x0 = self.emb(inputs).flatten(1)
         x = x0
         for layer in self.cross:
-            x = x0 * layer(x) + x
+            x = layer(x0, x)
         parts = [x, self.dnn(x0)] if len(self.dnn.net) else [x]
         return self.out(torch.cat(parts, dim=1)).squeeze(-1)
+
+
+@register("dcnv2")
+class DCNv2(DCN):
+    """DCN-V2 (parallel): DCN with the full-rank cross ``x_{l+1} = x0 * (W_l x_l + b_l) + x_l``."""
+
+    cross_layer = FullRankCrossLayer
 
 
 @register("deepfm")
@@ -128,7 +167,7 @@ class DeepFM(nn.Module):
     def __init__(
         self,
         spec: FeatureSpec,
-        embedding_dim: int = 8,
+        embedding_dim: int = EMBEDDING_DIM,
         hidden_units: Sequence[int] = (16, 16),
         dropout: float = 0.2,
     ):
@@ -152,7 +191,7 @@ class AutoInt(nn.Module):
     def __init__(
         self,
         spec: FeatureSpec,
-        embedding_dim: int = 8,
+        embedding_dim: int = EMBEDDING_DIM,
         attention_layers: int = 2,
         num_heads: int = 2,
         attention_dim: int = 8,
@@ -200,7 +239,7 @@ class DIN(nn.Module):
     def __init__(
         self,
         spec: FeatureSpec,
-        embedding_dim: int = 8,
+        embedding_dim: int = EMBEDDING_DIM,
         attention_units: Sequence[int] = (36,),
         hidden_units: Sequence[int] = (16, 16),
         dropout: float = 0.2,

@@ -12,6 +12,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a CTR model is trained: the one home of these defaults (``fit``, ``run_ctr_table``, ``train_ctr``,
+    ``userip ctr train`` and the FuxiCTR export read them from :data:`TRAIN`)."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch_size: int = 4096
+    max_epochs: int = 20
+    patience: int = 2  # epochs without a better validation AUC before stopping
+
+
+TRAIN = TrainSettings()
+
+
 class RowLookup:
     """A per-row input gathered lazily from a per-user table: ``table[index[rows]]``.
 
@@ -80,11 +95,11 @@ def fit(
     y_val: np.ndarray,
     *,
     seed: int = 0,
-    lr: float = 3e-3,
-    weight_decay: float = 0.0,
-    batch_size: int = 4096,
-    max_epochs: int = 20,
-    patience: int = 2,
+    lr: float = TRAIN.lr,
+    weight_decay: float = TRAIN.weight_decay,
+    batch_size: int = TRAIN.batch_size,
+    max_epochs: int = TRAIN.max_epochs,
+    patience: int = TRAIN.patience,
     progress: bool = False,
     desc: str | None = None,
 ) -> FitResult:

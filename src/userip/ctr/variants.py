@@ -26,6 +26,7 @@ CONTROL_PARTS = ("activity", "label-rate")
 CONTROLS = (BASE, "+activity", "+label-rate")  # what every source must beat, besides its own twin
 # the competitor shown in the default table: the first of these that was built
 COMPETITORS = ("+hist-ids", "+hist-dense", "+text-ids", "+content-ids", "+text-dense")
+VARIANT_LISTS = ("default", "all")  # named lists; any "+part" combination of built sources also works
 _PART = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
@@ -48,6 +49,11 @@ def join(ps: Iterable[str]) -> str:
 
 def is_permuted(part: str) -> bool:
     return part.endswith(PERMUTED)
+
+
+def source_of(part: str) -> str:
+    """The source a part reads: ``ids`` for ``ids`` and for its twin ``ids-permuted``."""
+    return part.removesuffix(PERMUTED)
 
 
 def learned_parts(variant: str) -> list[str]:
@@ -103,3 +109,45 @@ def variant_lists(sources: Sequence[str], competitor: str | None = None) -> dict
     for s in extras:
         everything += [s, s + PERMUTED]
     return {"default": default, "all": everything}
+
+
+def as_list(x, what: str, allowed: Sequence[str] | None = None) -> list[str]:
+    """A comma string or a list of names, stripped and deduplicated; empty or (with ``allowed``) unknown is an
+    error naming ``what``."""
+    items = [s.strip() for s in x.split(",")] if isinstance(x, str) else list(x)
+    items = [s for s in items if s]
+    if not items:
+        raise UseripError(f"no {what} given")
+    if allowed is not None:
+        bad = [s for s in items if s not in allowed]
+        if bad:
+            raise UseripError(f"unknown {what} {bad}; known: {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def resolve(variants, sources: Iterable[str], competitor: str | None = None) -> list[str]:
+    """``default`` / ``all`` / a list (comma string) of variants, each checked against the built ``sources``
+    (their part names: ``ids``, ``activity``, ``label-rate``, ``theta``, ``hist-ids``, ...)."""
+    sources = list(sources)
+    lists = variant_lists(["+" + n for n in sources if n not in CONTROL_PARTS], competitor)
+    chosen = variants if variants is not None else "default"
+    if isinstance(chosen, str) and chosen.strip() in lists:
+        chosen = lists[chosen.strip()]
+    out = []
+    for v in as_list(chosen, "variants"):
+        if v in lists:
+            out += lists[v]
+            continue
+        try:
+            ps = parts(v)
+        except UseripError as e:
+            raise UseripError(f"unknown variants ['{v}']: {e}") from None
+        for p in ps:
+            base = source_of(p)
+            if base not in sources or (is_permuted(p) and base in CONTROL_PARTS):
+                known = ", ".join(["default", "all", *lists["all"]])
+                hint = (f"variant '{v}' needs theta (the personal soft tokens, e.g. from --profiles)"
+                        if base == "theta" else f"unknown variants ['{v}']")
+                raise UseripError(f"{hint}; known: {known}")
+        out.append(v)
+    return list(dict.fromkeys(out))

@@ -69,9 +69,8 @@ def export_fuxictr(
     ``out_dir`` must be new, empty or an earlier export (replaced only with ``overwrite=True``; files userip did
     not write are never touched). Every file is written to a temp folder and moved in once all are written.
     """
-    from userip.bank import open_bank
+    from userip.ctr.train import read_bank_ids
     from userip.data import ctr_examples, load_prepared
-    from userip.data.prepared import fingerprint_mismatch
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -93,17 +92,9 @@ def export_fuxictr(
         raise UseripError(f"history_len must be an integer >= 0, got {hl!r}")
 
     data = load_prepared(data_dir)
-    with open_bank(bank) as fb:
-        bank_meta = dict(fb.meta() or {})
-        names = list(fb.profile_names)
-        # the same check the CTR stage makes: IDs fitted on other data would be silently misaligned
-        if bank_meta.get("data_fingerprint") != data.fingerprint:
-            raise UseripError(fingerprint_mismatch(f"bank {bank}", bank_meta.get("data_fingerprint"),
-                                                   data.fingerprint) + f" ({data_dir})")
-        users = data.users.sort_values("user_idx")
-        got = np.asarray(fb.get([str(u) for u in users["user_id"]]), dtype=np.int64)
-    ids = np.zeros((data.n_users + 1, len(names)), dtype=np.int64)  # row = user_idx, as the CTR stage holds them
-    ids[users["user_idx"].to_numpy(dtype=np.int64)] = got.reshape(len(users), len(names))
+    # the bank the CTR stage reads, read the same way: refused when built on other data, row = user_idx
+    bank_ids = read_bank_ids(bank, data)
+    ids, names = bank_ids.ids, bank_ids.names
     profile_cols = [f"profile_{n}" for n in names]
 
     frames = {s: _frame(data, ctr_examples(data, s, history_len=hl), ids, profile_cols) for s in SPLIT_FILES}
@@ -139,9 +130,9 @@ def export_fuxictr(
             "run": str(run_dir.resolve()),
             "bank": _without_password(str(bank)),
             "data_fingerprint": data.fingerprint,
-            "codebook_hash": bank_meta.get("codebook_hash"),
-            "profiles": [{"name": n, "column": c, "size": _size(bank_meta, n, ids[:, j])}
-                         for j, (n, c) in enumerate(zip(names, profile_cols, strict=True))],
+            "codebook_hash": bank_ids.meta.get("codebook_hash"),
+            "profiles": [{"name": n, "column": c, "size": size}
+                         for n, c, size in zip(names, profile_cols, bank_ids.sizes, strict=True)],
             "history_len": hl,
             "rows": {SPLIT_FILES[s]: len(f) for s, f in frames.items()},
             "positives": {SPLIT_FILES[s]: int(f[LABEL].sum()) for s, f in frames.items()},
@@ -216,20 +207,20 @@ def _feature_cols(side: list[str], frames: list[pd.DataFrame], history_len: int,
 
 def _model_config(models: Sequence[str], datasets: dict[str, str], ctr: dict[str, Any], seed: int,
                   final: Path) -> dict[str, Any]:
-    from userip.ctr import run_ctr_table
+    from userip.ctr.models import EMBEDDING_DIM
+    from userip.ctr.trainer import TRAIN
 
-    d = {n: p.default for n, p in inspect.signature(run_ctr_table).parameters.items()}
     common = {
         "loss": "binary_crossentropy",
         "metrics": ["logloss", "AUC"],
         "task": "binary_classification",
         "optimizer": "adam",
-        "learning_rate": float(ctr.get("lr", d["lr"])),
+        "learning_rate": float(ctr.get("lr", TRAIN.lr)),
         "embedding_regularizer": 0,
         "net_regularizer": 0,
-        "batch_size": int(ctr.get("batch_size", d["batch_size"])),
-        "embedding_dim": int(ctr.get("embedding_dim", d["embedding_dim"])),
-        "epochs": int(ctr.get("max_epochs", d["max_epochs"])),
+        "batch_size": int(ctr.get("batch_size", TRAIN.batch_size)),
+        "embedding_dim": int(ctr.get("embedding_dim", EMBEDDING_DIM)),
+        "epochs": int(ctr.get("max_epochs", TRAIN.max_epochs)),
         "shuffle": True,
         "seed": seed,  # the run's seed
         "monitor": "AUC",
@@ -237,7 +228,7 @@ def _model_config(models: Sequence[str], datasets: dict[str, str], ctr: dict[str
     }
     cfg: dict[str, Any] = {
         "Base": {"model_root": str(final / "checkpoints") + "/", "num_workers": 1, "verbose": 1,
-                 "early_stop_patience": int(ctr.get("patience", d["patience"])), "pickle_feature_encoder": True,
+                 "early_stop_patience": int(ctr.get("patience", TRAIN.patience)), "pickle_feature_encoder": True,
                  "save_best_only": True, "eval_steps": None, "debug_mode": False, "group_id": None,
                  "use_features": None, "feature_specs": None, "feature_config": None},
     }
@@ -267,13 +258,6 @@ def _history_len(run_dir: Path, run_cfg: dict[str, Any]) -> int:
     from userip.ctr import train_ctr
 
     return int(inspect.signature(train_ctr).parameters["history_len"].default)
-
-
-def _size(meta: dict[str, Any], name: str, col: np.ndarray) -> int:
-    for p in meta.get("profiles") or []:
-        if isinstance(p, dict) and p.get("name") == name and isinstance(p.get("size"), int):
-            return int(p["size"])
-    return int(col.max()) if len(col) else 0
 
 
 def _without_password(location: str) -> str:
