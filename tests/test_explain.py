@@ -235,19 +235,24 @@ def test_permuted_ids_keep_tuples() -> None:
     assert id_space_size(ids) == 12
 
 
-def test_activity_buckets_cardinality() -> None:
+def test_activity_buckets_are_the_ctr_control() -> None:
+    """The probe's activity control is the CTR table's +activity: quantile buckets of the train interaction
+    count, at most as many as distinct counts, equal counts in one bucket (no tie broken at random)."""
+    from userip.ctr import activity_buckets as ctr_activity_buckets
+
     rng = np.random.default_rng(0)
     counts = rng.choice([5, 5, 5, 20, 40], 200)  # many ties
     inter = pd.DataFrame({"user_idx": np.repeat(np.arange(1, 201), counts)}).assign(split="train")
     inter = pd.concat([inter, pd.DataFrame({"user_idx": [1] * 50, "split": "test"})])
     b = activity_buckets(inter, 12)
-    assert sorted(b["activity"].unique()) == list(range(1, 13))
-    assert b["activity"].value_counts().max() - b["activity"].value_counts().min() <= 1
     act = pd.Series(counts, index=np.arange(1, 201))[b["user_idx"]].to_numpy()
+    want, k = ctr_activity_buckets(np.r_[0, act], 12)
+    assert k == 3 and b["activity"].tolist() == want[1:].tolist()  # 3 distinct counts: at most 3 buckets
+    assert (b.assign(act=act).groupby("act")["activity"].nunique() == 1).all()  # equal counts share a bucket
     order = b.assign(act=act).groupby("activity")["act"].agg(["min", "max"])
     assert (order["max"].to_numpy()[:-1] <= order["min"].to_numpy()[1:]).all()  # buckets are ordered
     sub = activity_buckets(SimpleNamespace(interactions=inter), 3, users=[1, 2, 3, 999])
-    assert list(sub["user_idx"]) == [1, 2, 3, 999] and sub["activity"].nunique() == 3
+    assert list(sub["user_idx"]) == [1, 2, 3, 999] and sub["activity"].iloc[-1] == 1  # no train rows: count 0
 
 
 def test_age_buckets() -> None:

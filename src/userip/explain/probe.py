@@ -6,9 +6,10 @@ zip codes skipped), or a list given in the run config's ``probe: {targets: [...]
 features gets a probe that says there was nothing to probe (`nothing_to_probe_markdown`).
 
 For each ID source (profile IDs, and the controls: the same ID tuples permuted across users, and activity
-buckets of the same cardinality) and each target, the probe reports the normalised (and chance-adjusted) mutual
-information between the joint ID tuple and the target, and the 5-fold stratified cross-validated accuracy of a
-logistic regression on one-hot IDs, next to the majority-class accuracy on the same folds. IDs that beat their
+buckets of at most the same cardinality, as the CTR table's ``+activity``) and each target, the probe reports the
+normalised (and chance-adjusted) mutual information between the joint ID tuple and the target, and the 5-fold
+stratified cross-validated accuracy of a logistic regression on one-hot IDs, next to the majority-class accuracy
+on the same folds. IDs that beat their
 permuted control carry signal; IDs that do no better than activity buckets may only be encoding how much a user
 watches.
 """
@@ -75,12 +76,16 @@ def permuted_ids(ids: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
 
 
 def activity_buckets(data, n_buckets: int, users: Sequence[int] | None = None, seed: int = 0) -> pd.DataFrame:
-    """Equal-frequency buckets 1..n_buckets of train interaction counts (user_idx, activity).
+    """Activity buckets of train interaction counts as a frame (user_idx, activity), by the one definition the
+    CTR control uses (:func:`userip.ctr.sources.activity_buckets`): quantile buckets ``1..k`` with
+    ``k = min(n_buckets, distinct counts)``, equal counts in one bucket.
 
     ``data`` is a PreparedData or an interactions frame (user_idx, split). ``users`` restricts (and orders)
-    the users, e.g. the fitted ones; users without train interactions count 0. Ties in the count are broken
-    by a seeded random order, so there are exactly ``n_buckets`` buckets whenever there are that many users.
+    the users, e.g. the fitted ones; users without train interactions count 0. ``seed`` is not used (no tie is
+    broken at random any more); it stays for callers that pass it.
     """
+    from userip.ctr.sources import activity_buckets as quantile_activity_buckets
+
     if n_buckets < 1:
         raise UseripError(f"n_buckets must be >= 1, got {n_buckets}")
     inter = getattr(data, "interactions", data)
@@ -91,12 +96,8 @@ def activity_buckets(data, n_buckets: int, users: Sequence[int] | None = None, s
         users = counts.index.to_numpy()
     users = np.asarray(users, dtype=np.int64)
     act = counts.reindex(users).fillna(0).to_numpy()
-    rng = np.random.default_rng(seed)
-    order = np.lexsort((rng.random(len(users)), act))  # by count, ties in random order
-    rank = np.empty(len(users), dtype=np.int64)
-    rank[order] = np.arange(len(users))
-    bucket = (rank * n_buckets) // max(len(users), 1) + 1
-    return pd.DataFrame({"user_idx": users, "activity": bucket.astype(np.int64)})
+    bucket, _ = quantile_activity_buckets(np.r_[0, act], n_buckets)  # row 0: the per-user tables' unknown row
+    return pd.DataFrame({"user_idx": users, "activity": bucket[1:]})
 
 
 def _targets(users: pd.DataFrame, targets: Sequence[str]) -> pd.DataFrame:
@@ -259,7 +260,7 @@ def probe_profiles(profiles_dir: str | Path, data_dir: str | Path | None = None,
     sources = {
         "profile IDs": ids,
         "permuted IDs": permuted_ids(ids, seed),
-        "activity buckets": activity_buckets(data, id_space_size(ids), users=ids["user_idx"], seed=seed),
+        "activity buckets": activity_buckets(data, id_space_size(ids), users=ids["user_idx"]),
     }
     usable, skipped = probe_targets(data.users, data.config.side_features, targets)
     if not usable:
