@@ -315,8 +315,8 @@ def ctr_train(
         [], "--baseline", help="A saved baseline dir (e.g. RUN/baselines/history): adds its sources (+hist-ids, "
         "+hist-dense, +text-ids, ...). Repeatable."
     ),
-    backbones: str = typer.Option("dcn,deepfm,dcnv2,autoint,din", "--backbones", help="Comma list."),
-    seeds: int = typer.Option(5, "--seeds", help="Number of seeds (0..N-1), paired across variants."),
+    backbones: str | None = typer.Option(None, "--backbones", help="Comma list (default: all five)."),
+    seeds: int | None = typer.Option(None, "--seeds", help="Number of seeds (0..N-1), paired across variants."),
     out: Path = typer.Option(..., "--out", help="Output dir: results.json, results.md, predictions.npz, models/."),
     variants: str = typer.Option(
         "default", "--variants", help="default (the headline: base, +ids, +ids-permuted, +activity, +label-rate, "
@@ -326,26 +326,27 @@ def ctr_train(
     competitor: str | None = typer.Option(
         None, "--competitor", help="The baseline in the default table (default: +hist-ids when built)."
     ),
-    settings: str = typer.Option("with_user_id,no_user_id", "--settings", help="Comma list."),
-    max_epochs: int = typer.Option(20, "--max-epochs"),
-    batch_size: int = typer.Option(4096, "--batch-size"),
-    lr: float = typer.Option(3e-3, "--lr"),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired bootstrap replicates (test users and seeds)."),
+    settings: str | None = typer.Option(None, "--settings", help="with_user_id, no_user_id or both (default)."),
+    max_epochs: int | None = typer.Option(None, "--max-epochs"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    lr: float | None = typer.Option(None, "--lr"),
+    bootstrap: int | None = typer.Option(None, "--bootstrap", help="Paired bootstrap replicates (users, seeds)."),
     threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: torch's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
-    """Train CTR backbones with the profile IDs, their permuted twins and the controls; print the table."""
+    """Train CTR backbones with the profile IDs, their permuted twins and the controls; print the table.
+
+    Options left out take the CTR stage's defaults (docs/config.md, section `ctr:`)."""
     from userip.ctr import train_ctr
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    train_ctr(
-        data, bank, profiles, backbones=backbones, seeds=seeds, out=out, variants=variants, settings=settings,
-        max_epochs=max_epochs, batch_size=batch_size, lr=lr, overwrite=overwrite, baselines=baseline,
-        competitor=competitor, bootstrap=bootstrap,
-    )
+    given = {"backbones": backbones, "seeds": seeds, "settings": settings, "max_epochs": max_epochs,
+             "batch_size": batch_size, "lr": lr, "bootstrap": bootstrap}
+    train_ctr(data, bank, profiles, out=out, variants=variants, overwrite=overwrite, baselines=baseline,
+              competitor=competitor, **{k: v for k, v in given.items() if v is not None})
     console.print((out / "results.md").read_text(), markup=False, highlight=False, soft_wrap=True)
 # ---------------------------------------------------------------- end ctr
 
