@@ -15,13 +15,12 @@ import numpy as np
 
 from userip.baselines.features import (
     BaselineFeatures,
+    as_prepared,
     check_cardinalities,
     describe_behaviour,
-    ids_table,
-    quantize,
+    quantized_features,
     rendered_behaviour,
 )
-from userip.baselines.text_profile import _as_data
 from userip.errors import UseripError
 
 NAME = "content-kmeans"
@@ -59,32 +58,17 @@ def content_kmeans_baseline(data, cardinalities: Mapping[str, int], *, seed: int
     from userip.baselines.encoder import ENCODER_NAME
 
     t_start = time.perf_counter()
-    data = _as_data(data)
+    data = as_prepared(data)
     cards = check_cardinalities(cardinalities)
     users, means, n_titles = mean_title_embeddings(data, behaviour=behaviour, title_year=title_year)
-    t_enc = time.perf_counter() - t_start
-    t0 = time.perf_counter()
-    ids, codes = quantize(means, cards, seed=seed)
-    t_km = time.perf_counter() - t0
-    dense = np.zeros((data.n_users + 1, means.shape[1]), dtype=np.float32)
-    dense[users] = means
-    total = time.perf_counter() - t_start
     meta = {
         "encoder": ENCODER_NAME,
         "model": ENCODER_NAME,
-        "cardinalities": cards,
-        "seed": seed,
-        "n_users": len(users),
         "n_titles_encoded": n_titles,
-        "encode_seconds": t_enc,
-        "kmeans_seconds": t_km,
-        "seconds_total": total,
-        "seconds_per_user": total / len(users),
-        "data_fingerprint": data.fingerprint,
-        "splits_used": ["train"],
+        "encode_seconds": time.perf_counter() - t_start,
         "behaviour": behaviour,
         "title_year": title_year,
         "reads": f"{describe_behaviour({'behaviour': behaviour, 'title_year': title_year})}; mean "
                  f"{ENCODER_NAME} embedding of the rendered interactions",
     }
-    return BaselineFeatures(name=NAME, ids=ids_table(data, users, ids), dense=dense, meta=meta, codebooks=codes)
+    return quantized_features(NAME, data, users, means, cards, seed=seed, started=t_start, meta=meta)

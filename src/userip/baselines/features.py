@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,15 @@ class BaselineFeatures:
     def __repr__(self) -> str:
         return (f"BaselineFeatures(name={self.name!r}, users={len(self.ids)}, dense={tuple(self.dense.shape)}, "
                 f"cardinalities={self.cardinalities})")
+
+
+def as_prepared(data: Any):
+    """``data`` as a PreparedData: loaded when it is a DATA directory, else returned as given."""
+    if isinstance(data, (str, os.PathLike)):
+        from userip.data import load_prepared
+
+        return load_prepared(data)
+    return data
 
 
 def describe_behaviour(profile: Mapping[str, Any], which: str = "every train interaction") -> str:
@@ -109,6 +119,26 @@ def quantize(
         ids[name] = cb.ids(x).numpy().astype(np.int64)
         codes[name] = cb.state_dict()["codes"]
     return ids, codes
+
+
+def quantized_features(name: str, data, users: np.ndarray, emb: np.ndarray, cardinalities: Mapping[str, int], *,
+                       seed: int, started: float, meta: Mapping[str, Any],
+                       texts: pd.DataFrame | None = None) -> BaselineFeatures:
+    """How every baseline ends: k-means IDs of ``emb`` (one row per user_idx of ``users``), the dense table
+    ``[n_users + 1, d]`` (zero rows for users it does not cover), and ``meta`` plus what every baseline records:
+    cardinalities, seed, users, k-means and total seconds (since ``started``, a ``time.perf_counter()``), the
+    data fingerprint and the splits read (train only)."""
+    t0 = time.perf_counter()
+    ids, codes = quantize(emb, cardinalities, seed=seed)
+    t_km = time.perf_counter() - t0
+    dense = np.zeros((data.n_users + 1, emb.shape[1]), dtype=np.float32)
+    dense[users] = emb
+    total = time.perf_counter() - started
+    meta = {**meta, "cardinalities": dict(cardinalities), "seed": seed, "n_users": len(users), "kmeans_seconds": t_km,
+            "seconds_total": total, "seconds_per_user": total / len(users), "data_fingerprint": data.fingerprint,
+            "splits_used": ["train"]}
+    return BaselineFeatures(name=name, ids=ids_table(data, users, ids), dense=dense, meta=meta, texts=texts,
+                            codebooks=codes)
 
 
 def ids_table(data, users: np.ndarray, ids: Mapping[str, np.ndarray]) -> pd.DataFrame:

@@ -18,8 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from userip.baselines.features import BaselineFeatures, check_cardinalities, describe_behaviour, ids_table, quantize
-from userip.baselines.text_profile import _as_data
+from userip.baselines.features import (
+    BaselineFeatures,
+    as_prepared,
+    check_cardinalities,
+    describe_behaviour,
+    quantized_features,
+)
 from userip.errors import UseripError
 
 NAME = "history"
@@ -79,27 +84,8 @@ def history_baseline(data, llm, cardinalities: Mapping[str, int], profile=None, 
     (``"default"``: userip's, shared with the profile fit; None: no cache).
     """
     t_start = time.perf_counter()
-    data = _as_data(data)
+    data = as_prepared(data)
     cards = check_cardinalities(cardinalities)
     users, z, info = history_states(data, llm, profile, cache=cache, progress=progress)
-    t_pool = time.perf_counter() - t_start
-    t0 = time.perf_counter()
-    ids, codes = quantize(z.numpy(), cards, seed=seed)
-    t_km = time.perf_counter() - t0
-    dense = np.zeros((data.n_users + 1, z.shape[1]), dtype=np.float32)
-    dense[users] = z.numpy()
-    total = time.perf_counter() - t_start
-    meta = {
-        **info,
-        "model": llm.name,
-        "cardinalities": cards,
-        "seed": seed,
-        "n_users": len(users),
-        "pool_seconds": t_pool,
-        "kmeans_seconds": t_km,
-        "seconds_total": total,
-        "seconds_per_user": total / len(users),
-        "data_fingerprint": data.fingerprint,
-        "splits_used": ["train"],
-    }
-    return BaselineFeatures(name=NAME, ids=ids_table(data, users, ids), dense=dense, meta=meta, codebooks=codes)
+    meta = {**info, "model": llm.name, "pool_seconds": time.perf_counter() - t_start}
+    return quantized_features(NAME, data, users, z.numpy(), cards, seed=seed, started=t_start, meta=meta)

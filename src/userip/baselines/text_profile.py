@@ -25,7 +25,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from userip.baselines.features import BaselineFeatures, check_cardinalities, describe_behaviour, ids_table, quantize
+from userip.baselines.features import (
+    BaselineFeatures,
+    as_prepared,
+    check_cardinalities,
+    describe_behaviour,
+    quantized_features,
+)
 from userip.errors import UseripError
 from userip.io import atomic_path
 
@@ -51,14 +57,6 @@ ITEM_SEP = "; "
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _as_data(data: Any):
-    if isinstance(data, (str, os.PathLike)):
-        from userip.data import load_prepared
-
-        return load_prepared(data)
-    return data
-
-
 def train_titles(data, *, max_items: int = 30, users: Iterable[int] | None = None) -> dict[int, list[str]]:
     """user_idx -> titles of the user's last ``max_items`` *train* interactions, oldest first.
 
@@ -264,7 +262,7 @@ def generate_profiles(data, llm, *, max_items: int = 30, max_new_tokens: int = 4
 
     The prompt shows the user's last ``max_items`` train interactions rendered as the profiles render them
     (``behaviour``, ``title_year``); ``template`` defaults to the one for that rendering."""
-    data = _as_data(data)
+    data = as_prepared(data)
     template = template or default_prompt(data, behaviour)
     hist = train_behaviour(data, max_items=max_items, users=users, behaviour=behaviour, title_year=title_year)
     if not hist:
@@ -352,7 +350,7 @@ def text_profile_baseline(
     from userip.baselines.encoder import ENCODER_NAME, encode
 
     t_start = time.perf_counter()
-    data = _as_data(data)
+    data = as_prepared(data)
     cards = check_cardinalities(cardinalities)
     template = template or default_prompt(data, behaviour)
     table, stats = generate_profiles(data, llm, max_items=max_items, max_new_tokens=max_new_tokens,
@@ -360,35 +358,19 @@ def text_profile_baseline(
                                      behaviour=behaviour, title_year=title_year)
     t0 = time.perf_counter()
     emb = encode(table["text"].tolist())
-    t_enc = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ids, codes = quantize(emb, cards, seed=seed)
-    t_km = time.perf_counter() - t0
-    users_arr = table["user_idx"].to_numpy(dtype=np.int64)
     meta_r = {"behaviour": behaviour, "title_year": title_year}
-    dense = np.zeros((data.n_users + 1, emb.shape[1]), dtype=np.float32)
-    dense[users_arr] = emb
-    total = time.perf_counter() - t_start
     meta = {
         **stats,
         "encoder": ENCODER_NAME,
-        "cardinalities": cards,
-        "seed": seed,
         "max_items": max_items,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
         "template": template,
-        "n_users": len(users_arr),
-        "encode_seconds": t_enc,
-        "kmeans_seconds": t_km,
-        "seconds_total": total,
-        "seconds_per_user": total / len(users_arr),
-        "data_fingerprint": data.fingerprint,
-        "splits_used": ["train"],
+        "encode_seconds": time.perf_counter() - t0,
         "behaviour": behaviour,
         "title_year": title_year,
         "reads": f"{describe_behaviour(meta_r, f'the last {max_items} train interactions')} -> {stats['model']} "
                  f"writes a profile (<= {max_new_tokens} tokens) -> {ENCODER_NAME}",
     }
-    return BaselineFeatures(name=NAME, ids=ids_table(data, users_arr, ids), dense=dense, meta=meta,
-                            texts=table.drop(columns=["cached"]), codebooks=codes)
+    return quantized_features(NAME, data, table["user_idx"].to_numpy(dtype=np.int64), emb, cards, seed=seed,
+                              started=t_start, meta=meta, texts=table.drop(columns=["cached"]))
