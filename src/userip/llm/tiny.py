@@ -33,14 +33,11 @@ def _tiny_tokenizer(vocab_size: int):
     )
 
 
-def tiny_llm(seed: int = 0, vocab_size: int = 512, hidden_size: int = 32, num_layers: int = 2,
-             dtype: torch.dtype = torch.float32, init_range: float = 0.2) -> LLM:
-    """Random Llama (hidden 32, 2 layers) + a 512-token byte-level BPE trained on a fixed corpus."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _tiny_tokenizer(vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+def _config_kwargs(tokenizer, vocab_size: int, hidden_size: int, num_layers: int, init_range: float) -> dict:
+    """What the tiny Llama and the tiny Gemma-3 configs share: 4 heads over 2 KV heads, tied embeddings,
+    eager attention, the tokenizer's special tokens."""
+    return dict(
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
@@ -54,12 +51,24 @@ def tiny_llm(seed: int = 0, vocab_size: int = 512, hidden_size: int = 32, num_la
         attn_implementation="eager",
         initializer_range=init_range,
     )
-    g = torch.random.fork_rng()
-    with g:
+
+
+def _seeded_llm(model_cls, config, seed: int, tokenizer, dtype: torch.dtype, name: str) -> LLM:
+    """The model built from ``config`` with weights drawn from ``seed`` (the global RNG is left as it was)."""
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model = freeze(model.to(dtype))
-    return LLM(model=model, tokenizer=tokenizer, name="tiny-random-llama", dtype=dtype)
+        model = model_cls(config)
+    return LLM(model=freeze(model.to(dtype)), tokenizer=tokenizer, name=name, dtype=dtype)
+
+
+def tiny_llm(seed: int = 0, vocab_size: int = 512, hidden_size: int = 32, num_layers: int = 2,
+             dtype: torch.dtype = torch.float32, init_range: float = 0.2) -> LLM:
+    """Random Llama (hidden 32, 2 layers) + a 512-token byte-level BPE trained on a fixed corpus."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tiny_tokenizer(vocab_size)
+    config = LlamaConfig(**_config_kwargs(tokenizer, len(tokenizer), hidden_size, num_layers, init_range))
+    return _seeded_llm(LlamaForCausalLM, config, seed, tokenizer, dtype, "tiny-random-llama")
 
 
 def tiny_gemma3_llm(seed: int = 0, vocab_size: int = 262_144, hidden_size: int = 32, num_layers: int = 2,
@@ -77,27 +86,10 @@ def tiny_gemma3_llm(seed: int = 0, vocab_size: int = 262_144, hidden_size: int =
 
     tokenizer = _tiny_tokenizer(512)
     config = Gemma3TextConfig(
-        vocab_size=max(vocab_size, len(tokenizer)),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **_config_kwargs(tokenizer, max(vocab_size, len(tokenizer)), hidden_size, num_layers, init_range),
         head_dim=hidden_size // 4,
         query_pre_attn_scalar=hidden_size // 4,
-        max_position_embeddings=512,
         sliding_window=sliding_window,
         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="eager",
-        initializer_range=init_range,
     )
-    g = torch.random.fork_rng()
-    with g:
-        torch.manual_seed(seed)
-        model = Gemma3ForCausalLM(config)
-    model = freeze(model.to(dtype))
-    return LLM(model=model, tokenizer=tokenizer, name="tiny-random-gemma3", dtype=dtype)
+    return _seeded_llm(Gemma3ForCausalLM, config, seed, tokenizer, dtype, "tiny-random-gemma3")
