@@ -10,13 +10,11 @@ from typer.testing import CliRunner
 from userip.cli import app
 from userip.data.synthetic import write_taste_world
 
-write_world = write_taste_world  # test_sharded imports it under this name
-
 
 @pytest.fixture
 def run_config(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("USERIP_CACHE_DIR", str(tmp_path / "cache"))  # pooled states, ceiling: never the real cache
-    write_world(tmp_path / "world")
+    write_taste_world(tmp_path / "world")
     w = tmp_path / "world"
     cfg = {
         "seed": 0,

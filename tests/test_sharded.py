@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 import yaml
 from typer.testing import CliRunner
 
-from test_profile import planted_corpus
-from test_run import write_world
+from helpers import planted_corpus
 from userip.cli import app
+from userip.data.synthetic import write_taste_world
 from userip.llm import tiny_llm
 from userip.profile import Corpus, ProfileConfig, ProfileFitter
 
@@ -88,7 +88,7 @@ def _best_agreement(a: np.ndarray, b: np.ndarray, k: int) -> float:
 def test_two_process_fit_matches_one_process(tmp_path):
     from userip.data import prepare
 
-    write_world(tmp_path / "w", n_users=24, n_items=60, watch_by_taste=True)
+    write_taste_world(tmp_path / "w", n_users=24, n_items=60, watch_by_taste=True)
     data = prepare(tmp_path / "data", interactions=tmp_path / "w" / "inter.csv", items=tmp_path / "w" / "items.csv",
                    users=tmp_path / "w" / "users.csv")
     llm = tiny_llm(seed=0)
