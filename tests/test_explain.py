@@ -25,9 +25,9 @@ from userip.explain import (
     id_space_size,
     lift,
     permuted_ids,
+    phrase_prompt,
     probe,
     probe_markdown,
-    render_prompt,
     word_like,
 )
 from userip.profile.config import DEFAULT_TEMPLATE, ProfileConfig
@@ -127,7 +127,7 @@ def test_generation_template_replaces_the_tail() -> None:
     assert t == ("The user's hobby is {hobby}. The user's background is {background}. "
                  "In short, this user likes {behaviour}")
     ProfileConfig(template=t)  # still a valid profile template
-    assert render_prompt(DEFAULT_TEMPLATE, names, "So:") == (
+    assert phrase_prompt(DEFAULT_TEMPLATE, names, "So:") == (
         "The user's hobby is <hobby>. The user's background is <background>. So:")
 
 

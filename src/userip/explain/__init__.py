@@ -10,7 +10,7 @@ from userip.explain.explain import (
     explanations_markdown,
     generation_template,
     lift,
-    render_prompt,
+    phrase_prompt,
     word_like,
 )
 from userip.explain.probe import (
@@ -27,6 +27,6 @@ from userip.explain.probe import (
 __all__ = [
     "AGE_LABELS", "DEFAULT_SUFFIX", "PhraseDecoder", "ProfileCodes", "TokenIndex", "activity_buckets",
     "age_bucket", "code_lifts", "explain", "explanations_markdown", "generation_template", "id_space_size",
-    "lift", "load_profile_codes", "permuted_ids", "probe", "probe_markdown", "probe_profiles", "render_prompt",
+    "lift", "load_profile_codes", "permuted_ids", "phrase_prompt", "probe", "probe_markdown", "probe_profiles",
     "word_like",
 ]

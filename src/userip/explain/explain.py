@@ -165,7 +165,7 @@ def generation_template(template: str, names: list[str], suffix: str = DEFAULT_S
     return template[:end] + keep + " " + suffix.strip() + " {behaviour}"
 
 
-def render_prompt(template: str, names: list[str], suffix: str = DEFAULT_SUFFIX) -> str:
+def phrase_prompt(template: str, names: list[str], suffix: str = DEFAULT_SUFFIX) -> str:
     """Human-readable generation prompt, soft-token slots shown as <name>."""
     t = generation_template(template, names, suffix)
     return t.replace("{behaviour}", "").rstrip().format(**{n: f"<{n}>" for n in names})
@@ -248,7 +248,7 @@ def explain(profiles_dir: str | Path, data_dir: str | Path | None = None, llm=No
         "model": llm.name,
         "n_users": len(pc.ids),
         "top_k": top_k,
-        "prompt": render_prompt(pc.cfg.template, pc.names, suffix),
+        "prompt": phrase_prompt(pc.cfg.template, pc.names, suffix),
         "min_support": {"title_users": min_users, "genre_interactions": min_interactions},
         "profiles": {},
     }
