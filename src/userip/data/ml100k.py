@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from userip.data.readers import RawTables, parse_year, render_title, to_float, to_ids, to_timestamp, to_titles
+from userip.data.columns import parse_year, render_title, to_float, to_ids, to_timestamp, to_titles
+from userip.data.readers import RawTables
 from userip.errors import InputError, UseripError
 from userip.io import atomic_dir, sha256_file
 from userip.paths import cache_dir
