@@ -16,7 +16,7 @@ from userip.explain import (
     AGE_LABELS,
     PhraseDecoder,
     TokenIndex,
-    activity_buckets,
+    activity_frame,
     age_bucket,
     code_lifts,
     explain,
@@ -244,14 +244,14 @@ def test_activity_buckets_are_the_ctr_control() -> None:
     counts = rng.choice([5, 5, 5, 20, 40], 200)  # many ties
     inter = pd.DataFrame({"user_idx": np.repeat(np.arange(1, 201), counts)}).assign(split="train")
     inter = pd.concat([inter, pd.DataFrame({"user_idx": [1] * 50, "split": "test"})])
-    b = activity_buckets(inter, 12)
+    b = activity_frame(inter, 12)
     act = pd.Series(counts, index=np.arange(1, 201))[b["user_idx"]].to_numpy()
     want, k = ctr_activity_buckets(np.r_[0, act], 12)
     assert k == 3 and b["activity"].tolist() == want[1:].tolist()  # 3 distinct counts: at most 3 buckets
     assert (b.assign(act=act).groupby("act")["activity"].nunique() == 1).all()  # equal counts share a bucket
     order = b.assign(act=act).groupby("activity")["act"].agg(["min", "max"])
     assert (order["max"].to_numpy()[:-1] <= order["min"].to_numpy()[1:]).all()  # buckets are ordered
-    sub = activity_buckets(SimpleNamespace(interactions=inter), 3, users=[1, 2, 3, 999])
+    sub = activity_frame(SimpleNamespace(interactions=inter), 3, users=[1, 2, 3, 999])
     assert list(sub["user_idx"]) == [1, 2, 3, 999] and sub["activity"].iloc[-1] == 1  # no train rows: count 0
 
 

@@ -231,7 +231,7 @@ class Runner:
     def probe(self) -> dict[str, Any]:
         from userip.baselines import load_baseline
         from userip.data import load_prepared
-        from userip.explain import activity_buckets, id_space_size, permuted_ids, probe, probe_markdown
+        from userip.explain import activity_frame, id_space_size, permuted_ids, probe, probe_markdown
         from userip.explain.probe import nothing_to_probe_markdown, probe_targets
 
         data = load_prepared(self.out / "data")
@@ -245,7 +245,7 @@ class Runner:
         ids = ids.drop(columns=["user_id"])
         seed = self.cfg["seed"]
         tables = {"profile IDs": ids, "permuted IDs": permuted_ids(ids, seed),
-                  "activity buckets": activity_buckets(data, id_space_size(ids), users=ids["user_idx"], seed=seed)}
+                  "activity buckets": activity_frame(data, id_space_size(ids), users=ids["user_idx"])}
         for name, label in (("history", "history-state IDs"), ("text-profile", "text-profile IDs"),
                             ("content-kmeans", "content k-means IDs")):
             d = self.out / "baselines" / name

@@ -15,7 +15,7 @@ from userip.explain.explain import (
 )
 from userip.explain.probe import (
     AGE_LABELS,
-    activity_buckets,
+    activity_frame,
     age_bucket,
     id_space_size,
     permuted_ids,
@@ -25,7 +25,7 @@ from userip.explain.probe import (
 )
 
 __all__ = [
-    "AGE_LABELS", "DEFAULT_SUFFIX", "PhraseDecoder", "ProfileCodes", "TokenIndex", "activity_buckets",
+    "AGE_LABELS", "DEFAULT_SUFFIX", "PhraseDecoder", "ProfileCodes", "TokenIndex", "activity_frame",
     "age_bucket", "code_lifts", "explain", "explanations_markdown", "generation_template", "id_space_size",
     "lift", "load_profile_codes", "permuted_ids", "phrase_prompt", "probe", "probe_markdown", "probe_profiles",
     "word_like",

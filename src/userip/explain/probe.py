@@ -75,14 +75,13 @@ def permuted_ids(ids: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return out
 
 
-def activity_buckets(data, n_buckets: int, users: Sequence[int] | None = None, seed: int = 0) -> pd.DataFrame:
+def activity_frame(data, n_buckets: int, users: Sequence[int] | None = None) -> pd.DataFrame:
     """Activity buckets of train interaction counts as a frame (user_idx, activity), by the one definition the
     CTR control uses (:func:`userip.ctr.sources.activity_buckets`): quantile buckets ``1..k`` with
     ``k = min(n_buckets, distinct counts)``, equal counts in one bucket.
 
     ``data`` is a PreparedData or an interactions frame (user_idx, split). ``users`` restricts (and orders)
-    the users, e.g. the fitted ones; users without train interactions count 0. ``seed`` is not used (no tie is
-    broken at random any more); it stays for callers that pass it.
+    the users, e.g. the fitted ones; users without train interactions count 0.
     """
     from userip.ctr.sources import activity_buckets as quantile_activity_buckets
 
@@ -260,7 +259,7 @@ def probe_profiles(profiles_dir: str | Path, data_dir: str | Path | None = None,
     sources = {
         "profile IDs": ids,
         "permuted IDs": permuted_ids(ids, seed),
-        "activity buckets": activity_buckets(data, id_space_size(ids), users=ids["user_idx"]),
+        "activity buckets": activity_frame(data, id_space_size(ids), users=ids["user_idx"]),
     }
     usable, skipped = probe_targets(data.users, data.config.side_features, targets)
     if not usable:

@@ -236,12 +236,11 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path | Any, user_id
     if bank is not None:
         from userip.bank import open_bank
 
-        b = open_bank(bank)
-        table = b.to_frame()
-        keep = table[~table["user_id"].astype(str).isin(out["user_id"])]
-        merged = pd.concat([keep, out[[c for c in table.columns if c in out.columns]]], ignore_index=True)
-        meta = b.meta()
-        b.build(merged, meta)
+        with open_bank(bank) as b:
+            table = b.to_frame()
+            keep = table[~table["user_id"].astype(str).isin(out["user_id"])]
+            merged = pd.concat([keep, out[[c for c in table.columns if c in out.columns]]], ignore_index=True)
+            b.build(merged, b.meta())
     return out
 
 
