@@ -73,6 +73,8 @@ class AmortisedFitter(Fitter):
                               "the ratings)")
         self.rating_marks = marks if cfg.rating_weight != 1.0 else None
         self.states = self.pooled.get(self.windows, progress=progress, marks=marks)
+        bos = int(llm.tokenizer.bos_token_id is not None)
+        self.pool_tokens = sum(len(w) + bos for ws in self.windows.values() for w in ws)
         self.sums = {u: s.sum(0) for u, s in self.states.items()}
         means = torch.stack([self.sums[u] / len(self.states[u]) for u in sorted(self.states)])
         self.h_mean = means.mean(0)
@@ -199,6 +201,7 @@ class AmortisedFitter(Fitter):
         token, with rating tokens counted ``rating_weight`` times when it is not 1."""
         rows = [self.windows[u][t] for u, t in zip(users, target, strict=True)]
         batch = make_batch(rows)
+        self.count_tokens(batch)
         if self.rating_marks is None:
             sums, counts = self.scorer.row_nll(theta, batch)
             return sums, counts, sums / counts

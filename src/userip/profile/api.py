@@ -82,13 +82,15 @@ def lead_in(template: str) -> str:
 
 def make_fitter(llm, cfg: ProfileConfig, corpus: Corpus, out: Path | None, progress: bool = False,
                 pooled_cache: bool = True) -> Fitter:
-    """The fitter of ``cfg.inference``: per-user EM or the amortised history map."""
-    if cfg.inference == "amortised":
+    """The fitter of ``cfg.inference``: per-user EM, the amortised history map, or the map refined by EM."""
+    if cfg.inference in ("amortised", "hybrid"):
         from userip.profile.amortised import AmortisedFitter
+        from userip.profile.hybrid import HybridFitter
         from userip.profile.pooled import PooledStates
 
         states = PooledStates(llm, cfg.pool, cfg.pool_batch, cache="default" if pooled_cache else None)
-        return AmortisedFitter(llm, cfg, corpus, out, states=states, progress=progress)
+        cls = HybridFitter if cfg.inference == "hybrid" else AmortisedFitter
+        return cls(llm, cfg, corpus, out, states=states, progress=progress)
     return ProfileFitter(llm, cfg, corpus, out)
 
 
@@ -131,6 +133,7 @@ def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2
         "final": state.final or (state.metrics or [{}])[-1],
         "n_users": len(fitter.all_users),
         "inference": cfg.inference,
+        "compute": fitter.compute(),  # training's LLM tokens per phase: compare inference modes at equal compute
         "ceiling": getattr(fitter, "ceiling_metrics", None),
         "processes": fitter.dist.world,
         "wall_s": time.perf_counter() - t0,

@@ -17,7 +17,7 @@ RATED_TEMPLATE = (
     "The user's hobby is {hobby}. The user's background is {background}. "
     "The user watched these movies and rated each from 1 to 5: {behaviour}"
 )
-INFERENCE_MODES = ("em", "amortised")
+INFERENCE_MODES = ("em", "amortised", "hybrid")
 
 
 @dataclass
@@ -46,7 +46,8 @@ class ProfileConfig:
         default_factory=lambda: [ProfileSpec("hobby", 1, 4), ProfileSpec("background", 1, 3)]
     )
     template: str | None = None  # None: DEFAULT_TEMPLATE, or RATED_TEMPLATE for `rated` behaviour
-    # em: per-user E-step (the paper) | amortised: a shared map from the frozen LLM's pooled history states
+    # em: per-user E-step (the paper) | amortised: a shared map from the frozen LLM's pooled history states |
+    # hybrid: amortised, then the E-step refines each user's residual under a prior centred on the map's output
     inference: str = "em"
     mode: str = "em"  # em (default) | joint (reference code: LM loss + VQ loss by gradient)
     table: str = "residual"  # residual: shared[k] + delta[u, k] | plain: one free table per user (reference)
@@ -89,6 +90,10 @@ class ProfileConfig:
     # never saw (as for a new user) rather than what it memorised of a training user's own items
     unseen_eval_users: bool = False
     cross_fit: int = 0  # amortised: K >= 2 maps, each user's profile read by the map that never trained on them
+    # hybrid: the first N epochs train the amortised map, the rest refine each user's residual by the E-step
+    hybrid_map_epochs: int = 2
+    # hybrid: weight of ||delta_u - amortised output_u||^2 in the E-step (per dim, as prior_lambda in em)
+    hybrid_prior: float = 0.5
     pool_batch: int = 32  # windows per no-grad forward when pooling history states
     # evaluation / stopping
     eval_users: int = 0  # 0 = every user with validation windows
@@ -130,12 +135,13 @@ class ProfileConfig:
             if getattr(self, key) not in allowed:
                 raise UseripError(f"config.{key}: '{getattr(self, key)}' is not one of {', '.join(allowed)}")
         positive = ("max_items", "max_tokens", "windows_per_user", "batch_users", "inner_steps", "epochs",
-                    "kmeans_iters", "ce_chunk", "rank", "pool_batch", "eval_windows", "ceiling_items")
+                    "kmeans_iters", "ce_chunk", "rank", "pool_batch", "eval_windows", "ceiling_items",
+                    "hybrid_map_epochs")
         for key in positive:
             if int(getattr(self, key)) < 1:
                 raise UseripError(f"config.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("prior_lambda", "prior_beta", "lr_user", "lr_shared", "delta_init_std", "joint_beta", "lr_map",
-                    "steps_per_epoch", "bootstrap", "history_windows", "cross_fit"):
+                    "steps_per_epoch", "bootstrap", "history_windows", "cross_fit", "hybrid_prior"):
             if float(getattr(self, key)) < 0:
                 raise UseripError(f"config.{key}: must be >= 0, got {getattr(self, key)}")
         for name in names:
@@ -143,9 +149,12 @@ class ProfileConfig:
                 raise UseripError(f"config.template: missing the slot {{{name}}} for profile '{name}'")
         if not self.template.rstrip().endswith("{behaviour}"):
             raise UseripError("config.template: must end with the {behaviour} slot")
-        if self.inference == "amortised" and (self.mode != "em" or self.table != "residual"):
-            raise UseripError("config.inference: 'amortised' needs mode 'em' and table 'residual' (the map "
-                              "replaces the per-user residual)")
+        if self.inference in ("amortised", "hybrid") and (self.mode != "em" or self.table != "residual"):
+            raise UseripError(f"config.inference: '{self.inference}' needs mode 'em' and table 'residual' (the map "
+                              "gives the per-user residual)")
+        if self.inference == "hybrid" and self.hybrid_map_epochs >= self.epochs:
+            raise UseripError(f"config.hybrid_map_epochs: {self.hybrid_map_epochs} leaves no E-step epoch of "
+                              f"epochs {self.epochs}; set it below epochs")
 
     @property
     def names(self) -> list[str]:

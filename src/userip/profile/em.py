@@ -8,7 +8,8 @@ E-step  for each user batch, with the LM, the shared prompt and the codebooks fi
 M-step  the shared closed-form codebook step (userip.profile.fitter).
 ``joint`` mode reproduces the reference code instead: LM loss, plus 0.5*||sg(x) - c||^2 moving the codebook
 by gradient, no prior, no closed-form step. Row-wise lazy Adam (userip.profile.optim) keeps each user's
-optimiser state and touches only the batch's rows.
+optimiser state and touches only the batch's rows. The E-step itself (``EStep``) is a mixin that
+``userip.profile.hybrid`` reuses with its own prior.
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ from userip.quantize import assign, prepare_for_codes
 
 log = logging.getLogger(__name__)
 
-class ProfileFitter(Fitter):
-    """Per-user EM: residual (or plain) table rows fitted by E-steps; ``mode: joint`` is the reference loss."""
 
-    def __init__(self, llm, cfg: ProfileConfig, corpus: Corpus, out_dir: Path | None = None) -> None:
-        super().__init__(llm, cfg, corpus, out_dir)
-        self.user_opt = RowAdam(self.profiles.table, lr=cfg.lr_user)
-        self.shared_opt = RowAdam(self.profiles.shared[None], lr=cfg.lr_shared)
-        self.joint_opt: torch.optim.Optimizer | None = None
+class EStep:
+    """The per-user E-step, mixed into a ``Fitter`` (``ProfileFitter``; ``hybrid.HybridFitter`` after its
+    amortised phase): ``inner_steps`` row-wise Adam updates of every user's table row per user batch, one
+    window each, against the behaviour NLL + ``self._prior(users, delta)``, which the fitter defines. Needs
+    ``self.user_opt`` and ``self.shared_opt`` (``RowAdam`` over the table and over the shared prompt).
+    """
 
-    def train_epoch(self, g: torch.Generator, epochs: int, progress: bool) -> tuple[float, float]:
-        """E-step over every user batch (``inner_steps`` updates each); returns (train NLL sum, token count)."""
+    def e_step_epoch(self, g: torch.Generator, epochs: int, progress: bool, shared: bool = True
+                     ) -> tuple[float, float]:
+        """E-step over every user batch (``inner_steps`` updates each; the last one also steps the shared prompt
+        unless ``shared`` is False); returns (train NLL sum, token count)."""
         cfg, st = self.cfg, self.state
         batches = self._user_batches(g)
         # every rank takes the same number of shared-prompt steps (a short shard idles through the rest)
@@ -52,7 +54,7 @@ class ProfileFitter(Fitter):
             windows = self._epoch_windows(users, st.epoch)
             for j in range(cfg.inner_steps):
                 rows = [w[j % len(w)] for w in windows]
-                s, n = self.train_step(users, rows, update_shared=(j == cfg.inner_steps - 1))
+                s, n = self.train_step(users, rows, update_shared=shared and j == cfg.inner_steps - 1)
                 nll_sum, tok_sum = nll_sum + s, tok_sum + n
             bar.set_postfix(nll=f"{nll_sum / max(tok_sum, 1):.3f}")
             if b % 8 == 7:
@@ -70,7 +72,9 @@ class ProfileFitter(Fitter):
         for s in range(0, len(users), mb):
             sl = slice(s, s + mb)
             theta = (shared + delta[sl]) if prof.residual else delta[sl]
-            sums, counts = self.scorer.row_nll(theta, make_batch(rows[sl]))
+            batch = make_batch(rows[sl])
+            self.count_tokens(batch)
+            sums, counts = self.scorer.row_nll(theta, batch)
             loss = (sums / counts).sum() + self._prior(users[sl], delta[sl])
             loss.backward()
             nll_total += float(sums.detach().sum())
@@ -80,9 +84,49 @@ class ProfileFitter(Fitter):
         if shared.requires_grad:
             grad = shared.grad if shared.grad is not None else torch.zeros_like(shared)
             self.shared_opt.step(torch.zeros(1, dtype=torch.long), self.dist.all_reduce(grad)[None])
-        if cfg.mode == "joint" and len(users):
-            self._joint_codebook_step(users)
         return nll_total, tok_total
+
+    def _user_batches(self, g: torch.Generator) -> list[torch.Tensor]:
+        """Shuffle users, then sort within chunks of 8 batches by window length so padding stays small."""
+        order = self.users[torch.randperm(len(self.users), generator=g)]
+        B = self.cfg.batch_users
+        batches = []
+        for s in range(0, len(order), 8 * B):
+            chunk = order[s : s + 8 * B]
+            lens = torch.tensor([np.mean([len(w) for w in self.corpus.train[int(u)]]) for u in chunk])
+            chunk = chunk[torch.argsort(lens, stable=True)]
+            batches += [chunk[i : i + B] for i in range(0, len(chunk), B)]
+        perm = torch.randperm(len(batches), generator=g)
+        return [batches[i] for i in perm.tolist()]
+
+    def _epoch_windows(self, users: torch.Tensor, epoch: int) -> list[list[list[int]]]:
+        """Each user's windows this epoch: at most ``windows_per_user``, rotating through long histories."""
+        cap = self.cfg.windows_per_user
+        out = []
+        for u in users.tolist():
+            w = self.corpus.train[u]
+            start = (epoch * cap) % len(w)
+            out.append([w[(start + i) % len(w)] for i in range(min(cap, len(w)))])
+        return out
+
+
+class ProfileFitter(EStep, Fitter):
+    """Per-user EM: residual (or plain) table rows fitted by E-steps; ``mode: joint`` is the reference loss."""
+
+    def __init__(self, llm, cfg: ProfileConfig, corpus: Corpus, out_dir: Path | None = None) -> None:
+        super().__init__(llm, cfg, corpus, out_dir)
+        self.user_opt = RowAdam(self.profiles.table, lr=cfg.lr_user)
+        self.shared_opt = RowAdam(self.profiles.shared[None], lr=cfg.lr_shared)
+        self.joint_opt: torch.optim.Optimizer | None = None
+
+    def train_epoch(self, g: torch.Generator, epochs: int, progress: bool) -> tuple[float, float]:
+        return self.e_step_epoch(g, epochs, progress)
+
+    def train_step(self, users: torch.Tensor, rows: list[list[int]], update_shared: bool) -> tuple[float, float]:
+        out = super().train_step(users, rows, update_shared)
+        if self.cfg.mode == "joint" and len(users):
+            self._joint_codebook_step(users)
+        return out
 
     def _prior(self, users: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         cfg, st = self.cfg, self.state
@@ -111,29 +155,6 @@ class ProfileFitter(Fitter):
             loss = loss + self.cfg.joint_beta * 0.5 * (x - cb[idx]).pow(2).sum(1).mean()
         loss.backward()
         self.joint_opt.step()
-
-    def _user_batches(self, g: torch.Generator) -> list[torch.Tensor]:
-        """Shuffle users, then sort within chunks of 8 batches by window length so padding stays small."""
-        order = self.users[torch.randperm(len(self.users), generator=g)]
-        B = self.cfg.batch_users
-        batches = []
-        for s in range(0, len(order), 8 * B):
-            chunk = order[s : s + 8 * B]
-            lens = torch.tensor([np.mean([len(w) for w in self.corpus.train[int(u)]]) for u in chunk])
-            chunk = chunk[torch.argsort(lens, stable=True)]
-            batches += [chunk[i : i + B] for i in range(0, len(chunk), B)]
-        perm = torch.randperm(len(batches), generator=g)
-        return [batches[i] for i in perm.tolist()]
-
-    def _epoch_windows(self, users: torch.Tensor, epoch: int) -> list[list[list[int]]]:
-        """Each user's windows this epoch: at most ``windows_per_user``, rotating through long histories."""
-        cap = self.cfg.windows_per_user
-        out = []
-        for u in users.tolist():
-            w = self.corpus.train[u]
-            start = (epoch * cap) % len(w)
-            out.append([w[(start + i) % len(w)] for i in range(min(cap, len(w)))])
-        return out
 
     def infer(self, users: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """Fit only ``users``' residuals with the LM, shared prompt and codebooks frozen; return their codes.

@@ -8,6 +8,10 @@
         evaluate           held-out NLL own / shuffled / mean / codeword (+ scaled own) with 95% intervals on the
                            report half, and the in-context ceiling (userip.profile.evaluate)
         keep the best epoch (chosen on the selection half), checkpoint (userip.profile.checkpoint)
+
+Compute is counted in the unit issue 10 compares inference modes at: LLM tokens processed by training (each
+row's prompt, soft tokens included, plus its behaviour tokens; forward and backward), per training phase, beside
+the no-grad tokens of pooling history states (``metrics["compute"]``, cumulative in every epoch's metrics).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from userip.profile.config import ProfileConfig
 from userip.profile.corpus import Corpus
 from userip.profile.dist import Dist
 from userip.profile.model import Scorer, SoftProfiles, text_init_embeddings
+from userip.profile.template import Batch
 from userip.quantize import (
     assign,
     code_sums,
@@ -96,6 +101,9 @@ class Fitter:
         self.pop_rows = self.rows(self.users)  # rows whose mean is the plain table's population prompt
         self.best: dict[str, torch.Tensor] = {}
         self.progress = False
+        self.phases: tuple[str, ...] = (cfg.inference,)  # training phases whose tokens are counted apart
+        self.train_tokens: dict[str, int] = {}  # this rank's training tokens per phase
+        self.pool_tokens = 0  # no-grad tokens of pooling history states (amortised modes)
 
     def rows(self, users: torch.Tensor) -> torch.Tensor:
         return self.row_of[users]
@@ -106,7 +114,9 @@ class Fitter:
         epochs = epochs or cfg.epochs
         progress = progress and self.dist.is_main
         self.progress = progress
-        resume(self)
+        if resume(self) and self.dist.is_main and st.metrics:
+            # the counts before the kill, once (rank 0): compute() sums the ranks
+            self.train_tokens = dict(st.metrics[-1].get("compute", {}).get("train_tokens_by_phase", {}))
         self.before_fit()
         while st.epoch < epochs and st.bad_epochs < cfg.patience:
             t0 = time.perf_counter()
@@ -120,6 +130,8 @@ class Fitter:
             m.update(self.code_stats())
             m["wall_s"] = time.perf_counter() - t0
             m["rss_mb"] = rss_mb()
+            m["compute"] = self.compute()
+            m.update(self.epoch_metrics())
             st.metrics.append(m)
             # select on the selection half of the evaluation users (reported figures come from the other half)
             score = m["select"]["heldout"]["own"] if "select" in m else m["heldout"]["own"] if "heldout" in m \
@@ -168,6 +180,28 @@ class Fitter:
     def output_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors an inference mode adds to profiles.safetensors (e.g. the amortised encoder's map)."""
         return {}
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """What an inference mode adds to each epoch's metrics."""
+        return {}
+
+    def phase(self) -> str:
+        """The training phase (one of ``phases``) whose tokens a training batch counts under now."""
+        return self.phases[0]
+
+    # ------------------------------------------------------------------ compute accounting
+    def count_tokens(self, batch: Batch) -> None:
+        """Count a training batch's LLM tokens: every row's prompt (template and soft tokens) and behaviour."""
+        n = batch.size * self.scorer.layout.prefix_len + int(batch.lengths.sum())
+        self.train_tokens[self.phase()] = self.train_tokens.get(self.phase(), 0) + n
+
+    def compute(self) -> dict[str, Any]:
+        """Training tokens so far (forward and backward), in all and per phase, summed over ranks, and the
+        no-grad tokens of pooling history states (read once per fit, whether or not they came from the cache)."""
+        counts = torch.tensor([self.train_tokens.get(p, 0) for p in self.phases], dtype=torch.float64)
+        by_phase = dict(zip(self.phases, map(int, self.dist.all_reduce(counts)), strict=True))
+        return {"train_tokens": sum(by_phase.values()), "train_tokens_by_phase": by_phase,
+                "pool_tokens": self.pool_tokens}
 
     # ------------------------------------------------------------------ M-step and codes
     def code_targets(self, users: torch.Tensor) -> torch.Tensor:
