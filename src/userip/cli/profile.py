@@ -23,7 +23,8 @@ def profile_fit(
     mode: str | None = typer.Option(None, "--mode", help="em (default) or joint (reference code)."),
     table: str | None = typer.Option(None, "--table", help="residual (default) or plain (reference code)."),
     inference: str | None = typer.Option(
-        None, "--inference", help="amortised (a shared map reads each user's history) or em (per-user E-step)."
+        None, "--inference",
+        help="amortised (a shared map reads each user's history), em (per-user E-step), hybrid (E-step from the map).",
     ),
     threads: int | None = typer.Option(None, "--threads", help="torch threads (default: torch's choice)."),
     nproc: int = typer.Option(1, "--nproc", help="Shard users over N processes (torchrun; gloo on CPU)."),
@@ -50,7 +51,7 @@ def profile_fit(
                             ("--seed", seed), ("--threads", threads), ("--previous", previous)):
             if value is not None:
                 args += [flag, str(value)]
-        if mode not in (None, "em") or table not in (None, "residual") or inference == "amortised":
+        if mode not in (None, "em") or table not in (None, "residual") or inference in ("amortised", "hybrid"):
             raise UseripError("--nproc > 1 supports --inference em, --mode em with --table residual only")
         claimed = _claim_profiles(out, overwrite, nproc, config, epochs=epochs, max_users=max_users, seed=seed,
                                   threads=threads)
