@@ -7,6 +7,7 @@ are in test_ctr_table.py, the planted fixture for every variant family in test_c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -255,7 +256,7 @@ def test_twin_has_the_same_fields_and_permuted_rows(learnable, monkeypatch):
 
     def spy(model, train, *a, **kw):
         seen[kw["desc"].split()[1]] = (model.ctr_spec.names, train["dense:theta"][np.arange(5)].numpy())
-        return orig_fit(model, train, *a, **{**kw, "max_epochs": 1})
+        return orig_fit(model, train, *a, **{**kw, "settings": dataclasses.replace(kw["settings"], max_epochs=1)})
 
     monkeypatch.setattr(ctr_run, "fit", spy)
     _run(splits, group, activity, theta=theta, backbones=["dcn"], seeds=[0], settings=["no_user_id"],

@@ -37,7 +37,7 @@ from userip.ctr.models import EMBEDDING_DIM, build_model, get_backbone, save_mod
 from userip.ctr.results import write_results
 from userip.ctr.sources import PERMUTATION_SEED_OFFSET, FeatureInputs, build_sources, cold_users
 from userip.ctr.table import BOOTSTRAP, SETTINGS_ORDER, SLICES_ORDER, TestPredictions, lift_frame
-from userip.ctr.trainer import TRAIN, fit, metrics, predict
+from userip.ctr.trainer import TRAIN, TrainSettings, fit, metrics, predict
 from userip.errors import UseripError
 
 SETTINGS = tuple(SETTINGS_ORDER)  # with_user_id, no_user_id
@@ -154,7 +154,7 @@ def run_ctr_table(
             spec, (tr, va, te) = features(variant, setting, seed)
             torch.manual_seed(seed)
             model = build_model(backbone, spec, embedding_dim=embedding_dim, **model_hp[backbone])
-            res = fit(model, tr, y_train, va, y_val, seed=seed, **train_hp, progress=progress,
+            res = fit(model, tr, y_train, va, y_val, seed=seed, settings=TrainSettings(**train_hp), progress=progress,
                       desc=f"{backbone} {variant} {setting} s{seed}")
             p = predict(model, te)
             preds.add(backbone, setting, variant, seed, p)

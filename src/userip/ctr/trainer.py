@@ -95,20 +95,19 @@ def fit(
     y_val: np.ndarray,
     *,
     seed: int = 0,
-    lr: float = TRAIN.lr,
-    weight_decay: float = TRAIN.weight_decay,
-    batch_size: int = TRAIN.batch_size,
-    max_epochs: int = TRAIN.max_epochs,
-    patience: int = TRAIN.patience,
+    settings: TrainSettings = TRAIN,
     progress: bool = False,
     desc: str | None = None,
 ) -> FitResult:
-    """Train ``model`` in place; the weights of the best validation-AUC epoch are restored at the end.
+    """Train ``model`` in place by ``settings``; the weights of the best validation-AUC epoch are restored at the
+    end.
 
     Shuffling uses its own ``torch.Generator(seed)``; dropout uses the global torch RNG, so the caller
     seeds it (``torch.manual_seed``) before building the model for a fully deterministic run.
     """
     t0 = time.perf_counter()
+    lr, weight_decay, batch_size = settings.lr, settings.weight_decay, settings.batch_size
+    max_epochs, patience = settings.max_epochs, settings.patience
     gen = torch.Generator().manual_seed(int(seed))
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     y_train = torch.as_tensor(y_train, dtype=torch.float32)
