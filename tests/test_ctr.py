@@ -403,3 +403,29 @@ def test_cli_ctr_train(fake_stages, tmp_path):
     assert "+ids vs base" in r.output
     r = CliRunner().invoke(app, [*args[:7], "nope", *args[8:]])
     assert r.exit_code == 2 and "unknown CTR backbone" in r.output
+
+
+def test_a_killed_table_keeps_the_finished_backbones_predictions(learnable, monkeypatch, tmp_path):
+    """results.json and predictions.npz are rewritten after every backbone, so the lifts of what finished can be
+    computed from a table killed inside a later backbone."""
+    import userip.ctr.run as ctr_run
+    from userip.ctr.table import TestPredictions, lift_frame
+
+    splits, group, activity = learnable
+    orig_fit = ctr_run.fit
+
+    def dies_in_deepfm(model, *a, **kw):
+        if kw["desc"].startswith("deepfm"):
+            raise KeyboardInterrupt
+        return orig_fit(model, *a, **kw)
+
+    monkeypatch.setattr(ctr_run, "fit", dies_in_deepfm)
+    with pytest.raises(KeyboardInterrupt):
+        _run(splits, group, activity, backbones=["dcn", "deepfm"], seeds=[0, 1], settings=["no_user_id"],
+             variants=["base", "+ids", "+ids-permuted"], bootstrap=20, out=tmp_path, progress=False)
+    kept = TestPredictions.load(tmp_path / "predictions.npz")
+    assert {k[0] for k in kept.preds} == {"dcn"} and len(kept.preds) == 3 * 2
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert {r["backbone"] for r in runs} == {"dcn"} and len(runs) == 3 * 2 * 2  # x 2 slices
+    lifts = lift_frame(kept, n_boot=20, seed=0)
+    assert set(lifts["backbone"]) == {"dcn"} and len(lifts) > 0

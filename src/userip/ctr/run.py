@@ -172,8 +172,9 @@ def run_ctr_table(
                                   "profile_fields": facts["profile_fields"], "best_val_auc": res.best_val_auc})
             bar.update(1)
             bar.set_postfix(last=f"{backbone} {variant} {setting} auc={rows[-2]['auc']:.4f}")
-        if out is not None:
-            write_results(out, rows, fits, info)  # the runs so far, after every backbone
+        if out is not None:  # the runs and test predictions so far, after every backbone: a killed table keeps
+            preds.save(out / "predictions.npz")  # what its paired lifts need (lift_frame(TestPredictions.load(...)))
+            write_results(out, rows, fits, info)
     bar.close()
 
     # ---- the paired lifts: bootstrap over test users and seeds
