@@ -18,9 +18,9 @@ Settings ``with_user_id`` / ``no_user_id`` keep or drop the user-id field. Test 
 kept, and the paired lifts come from a bootstrap over test users and seeds (:mod:`userip.ctr.table`).
 """
 
-
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Mapping, Sequence
@@ -103,8 +103,8 @@ def run_ctr_table(
     settings = V.as_list(settings, "settings", SETTINGS)
     if int(bootstrap) < 10:
         raise UseripError(f"bootstrap must be >= 10 replicates, got {bootstrap}")
-    train_hp = {"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "max_epochs": max_epochs,
-                "patience": patience}
+    train_settings = TrainSettings(lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs,
+                                   patience=patience)
     model_hp = {b: {**(model_hparams or {}), **(backbone_hparams or {}).get(b, {})} for b in backbones}
 
     # ---- the examples, the user features a variant can add, the test slices
@@ -138,7 +138,7 @@ def run_ctr_table(
         "variants": variants,
         "reads": {"+" + n: s.reads for n, s in sources.items()
                   if s.reads and any(n in map(V.source_of, V.parts(v)) for v in variants)},
-        "train": {**train_hp, "embedding_dim": embedding_dim},
+        "train": {**dataclasses.asdict(train_settings), "embedding_dim": embedding_dim},
         **(meta or {}),
     }
 
@@ -154,7 +154,7 @@ def run_ctr_table(
             spec, (tr, va, te) = features(variant, setting, seed)
             torch.manual_seed(seed)
             model = build_model(backbone, spec, embedding_dim=embedding_dim, **model_hp[backbone])
-            res = fit(model, tr, y_train, va, y_val, seed=seed, settings=TrainSettings(**train_hp), progress=progress,
+            res = fit(model, tr, y_train, va, y_val, seed=seed, settings=train_settings, progress=progress,
                       desc=f"{backbone} {variant} {setting} s{seed}")
             p = predict(model, te)
             preds.add(backbone, setting, variant, seed, p)
