@@ -161,6 +161,40 @@ def test_new_users_get_their_fitted_ids_with_no_gradient_step(llm, tmp_path):
     assert torch.equal(z, fit.assignments()[users]), "the same history must give the same IDs"
 
 
+def test_a_fitted_user_is_re_read_by_their_own_folds_map(llm, tmp_path):
+    """With cross-fitting a fitted user's IDs come from their fold's map: a refresh from the same history (the
+    user named as fitted) reproduces them; a user the fit never saw is read by the average of the maps."""
+    corpus = planted(llm.tokenizer, n_users=24)
+    states = PooledStates(llm, cache=tmp_path / "c.safetensors")
+    fit = AmortisedFitter(llm, cfg(cross_fit=2), corpus, tmp_path, states=states)
+    fit.fit(progress=False)
+    from userip.profile.api import write_outputs
+
+    class _Data:
+        fingerprint, path = "x", tmp_path
+
+        @staticmethod
+        def user_ids(idx):
+            return [str(i) for i in idx]
+
+    write_outputs(tmp_path / "out", fit, _Data, cfg(cross_fit=2), "tiny", {})
+    users = list(range(1, 25))
+    rows = [24 + 1 + i for i in range(len(users))]
+    new = Corpus({r: corpus.train[u] for r, u in zip(rows, users, strict=True)}, {}, 24 + len(rows),
+                 np.zeros(24 + len(rows) + 1, dtype=np.int64))
+    inf = AmortisedFitter(llm, cfg(cross_fit=2), new, None, states=states)
+    inf.load_fitted(tmp_path / "out")
+    assert torch.equal(inf.fitted_fold, fit.fold)
+    z = inf.infer(torch.tensor(rows), fitted_rows=torch.tensor(users))
+    assert torch.equal(inf.fold[rows], fit.fold[users])
+    assert torch.equal(z, fit.assignments()[users]), "a refresh from the same history must give the fitted IDs"
+    inf.infer(torch.tensor(rows))  # as new users: the average of the two maps
+    feats = inf.features(rows)
+    avg = (inf.maps[0](feats) + inf.maps[1](feats)) / 2
+    assert torch.allclose(inf.profiles.table[inf.rows(torch.tensor(rows))], avg)
+    assert not torch.allclose(avg, fit.profiles.table[fit.rows(torch.tensor(users))])
+
+
 def test_context_nll_equals_the_naive_hf_loss_on_the_target_tokens(llm):
     tok = llm.tokenizer
     ctx = [tok.bos_token_id] + encode_context(tok, "The user watched:", "Heat: 2; Casino: 1")

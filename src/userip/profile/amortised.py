@@ -99,14 +99,14 @@ class AmortisedFitter(Fitter):
         return self.maps[0]
 
     def personal(self, z: torch.Tensor, maps: torch.Tensor | None) -> torch.Tensor:
-        """Personal parts [B, m, n, H] of rows ``z`` by map ``maps[i]`` each (None: the average of the maps,
-        for users outside every fold)."""
+        """Personal parts [B, m, n, H] of rows ``z`` by map ``maps[i]`` each (None, or -1 for a row: the average
+        of the maps, for users outside every fold)."""
         if maps is None:
-            return torch.stack([m(z) for m in self.maps]).mean(0)
+            maps = torch.full((len(z),), -1, dtype=torch.long)
         out = None
         for k in maps.unique().tolist():
             rows = (maps == k).nonzero().flatten()
-            part = self.maps[k](z[rows])
+            part = (torch.stack([m(z[rows]) for m in self.maps]).mean(0) if k < 0 else self.maps[k](z[rows]))
             out = part.new_zeros(len(z), *part.shape[1:]) if out is None else out
             out = out.index_copy(0, rows, part)
         return out
@@ -211,12 +211,12 @@ class AmortisedFitter(Fitter):
         return sums, counts, (sums + w * msums) / (counts + w * mcounts.to(counts.device))
 
     @torch.no_grad()
-    def materialise(self, users: torch.Tensor, new: bool = False) -> None:
-        """Write ``users``' personal parts (their full history, read by their fold's map; ``new`` users by the
+    def materialise(self, users: torch.Tensor) -> None:
+        """Write ``users``' personal parts (their full history, read by their fold's map; fold -1: by the
         average of the maps) into the residual table."""
         for s in range(0, len(users), 1024):
             chunk = users[s : s + 1024]
-            maps = None if new else self.fold[chunk]
+            maps = self.fold[chunk]
             self.profiles.table[self.rows(chunk)] = self.personal(self.features(chunk.tolist()), maps)
 
     # ------------------------------------------------------------------ state
@@ -258,23 +258,41 @@ class AmortisedFitter(Fitter):
                 self.opt.state[p] = s
 
     def output_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.contiguous() for k, v in self.map_state().items()}
+        out = {k: v.contiguous() for k, v in self.map_state().items()}
+        if len(self.maps) > 1:  # which map read each fitted user (by user_idx): a refresh reads them the same way
+            out["fold"] = self.fold.clone()
+        return out
 
     def load_fitted(self, profiles_dir: str | Path) -> None:
         from safetensors.torch import load_file
 
         super().load_fitted(profiles_dir)
-        self.load_map_state(load_file(str(Path(profiles_dir) / "profiles.safetensors")))
+        t = load_file(str(Path(profiles_dir) / "profiles.safetensors"))
+        self.load_map_state(t)
+        self.fitted_fold = t["fold"].clone() if "fold" in t else None
 
     # ------------------------------------------------------------------ new users
     @torch.no_grad()
-    def infer(self, users: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """Codes for ``users`` (rows of this corpus) from one no-grad pass over their history: no gradient step."""
+    def infer(self, users: torch.Tensor, progress: bool = False, fitted_rows: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """Codes for ``users`` (rows of this corpus) from one no-grad pass over their history: no gradient step.
+
+        ``fitted_rows[i]``: user i's user_idx in the loaded fit (0: not in it). A fitted user is read by the map
+        of their cross-fitting fold, the function that gave their fitted IDs, so a refresh from the same history
+        reproduces them and one from a longer history moves them only as far as the history moved; a new user is
+        read by the average of the maps."""
         st = self.state
         if st.z is None or not st.codebooks:
             raise ValueError("infer needs a fitted model (codebooks)")
         users = torch.as_tensor(users, dtype=torch.long)
-        self.materialise(users, new=True)
+        folds = torch.full((len(users),), -1, dtype=torch.long)
+        known = getattr(self, "fitted_fold", None)
+        if fitted_rows is not None and known is not None:
+            fitted_rows = torch.as_tensor(fitted_rows, dtype=torch.long)
+            ok = (fitted_rows > 0) & (fitted_rows < len(known))
+            folds[ok] = known[fitted_rows[ok]]
+        self.fold[users] = folds
+        self.materialise(users)
         personal = self.profiles.personal(self.rows(users))
         for k, p in enumerate(self.cfg.profiles):
             x = prepare_for_codes(personal[:, k, : p.n_tokens].flatten(1), center=st.mu[k, : p.n_tokens].flatten())

@@ -229,7 +229,14 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path | Any, user_id
                     train_marks=marks)
     fitter = make_fitter(llm, cfg, corpus, None, pooled_cache=pooled_cache)
     fitter.load_fitted(profiles_dir)
-    z = fitter.infer(torch.tensor(rows), progress=progress)
+    from userip.profile.amortised import AmortisedFitter
+
+    if isinstance(fitter, AmortisedFitter):  # a fitted user is read as the fit read them (their fold's map)
+        known = dict(zip(fitted["user_id"].astype(str), fitted["user_idx"].astype(int), strict=True))
+        fitted_rows = torch.tensor([known.get(str(u), 0) for u in user_ids])
+        z = fitter.infer(torch.tensor(rows), progress=progress, fitted_rows=fitted_rows)
+    else:
+        z = fitter.infer(torch.tensor(rows), progress=progress)
     out = pd.DataFrame({"user_id": [str(u) for u in user_ids]})
     for k, p in enumerate(cfg.profiles):
         out[p.name] = z[:, k].numpy().astype(np.int64)
