@@ -429,3 +429,43 @@ def test_a_killed_table_keeps_the_finished_backbones_predictions(learnable, monk
     assert {r["backbone"] for r in runs} == {"dcn"} and len(runs) == 3 * 2 * 2  # x 2 slices
     lifts = lift_frame(kept, n_boot=20, seed=0)
     assert set(lifts["backbone"]) == {"dcn"} and len(lifts) > 0
+
+
+def test_a_rerun_takes_over_the_finished_backbones_and_matches_an_uninterrupted_table(learnable, monkeypatch,
+                                                                                       tmp_path):
+    """Run again on the killed table's OUT: the finished backbone is not refit (same inputs, same key) and the
+    table equals one that was never killed; changed inputs (another ID table) refit everything."""
+    import userip.ctr.run as ctr_run
+
+    splits, group, activity = learnable
+    kw = dict(backbones=["dcn", "deepfm"], seeds=[0, 1], settings=["no_user_id"],
+              variants=["base", "+ids", "+ids-permuted"], bootstrap=20, progress=False)
+    whole = _run(splits, group, activity, out=tmp_path / "whole", **kw)
+    orig_fit = ctr_run.fit
+    fitted: list[str] = []
+
+    def dies_in_deepfm(model, *a, **k):
+        if k["desc"].startswith("deepfm"):
+            raise KeyboardInterrupt
+        return orig_fit(model, *a, **k)
+
+    monkeypatch.setattr(ctr_run, "fit", dies_in_deepfm)
+    with pytest.raises(KeyboardInterrupt):
+        _run(splits, group, activity, out=tmp_path / "killed", **kw)
+
+    def counting(model, *a, **k):
+        fitted.append(k["desc"].split()[0])
+        return orig_fit(model, *a, **k)
+
+    monkeypatch.setattr(ctr_run, "fit", counting)
+    again = _run(splits, group, activity, out=tmp_path / "killed", **kw)
+    assert set(fitted) == {"deepfm"} and len(fitted) == 3 * 2
+    cols = ["backbone", "variant", "setting", "seed", "slice", "auc", "logloss"]
+    pd.testing.assert_frame_equal(again[cols], whole[cols])
+    lifts = again.attrs["lifts"]
+    pd.testing.assert_frame_equal(lifts, whole.attrs["lifts"])
+    fitted.clear()
+    other = group.copy()
+    other[1:] = (other[1:] + 1) % 4  # another ID table: nothing of the old table may be reused
+    _run(splits, other, activity, out=tmp_path / "killed", **kw)
+    assert set(fitted) == {"dcn", "deepfm"} and len(fitted) == 3 * 2 * 2

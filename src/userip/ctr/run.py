@@ -21,7 +21,11 @@ kept, and the paired lifts come from a bootstrap over test users and seeds (:mod
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
+import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +43,8 @@ from userip.ctr.sources import PERMUTATION_SEED_OFFSET, FeatureInputs, build_sou
 from userip.ctr.table import BOOTSTRAP, SETTINGS_ORDER, SLICES_ORDER, TestPredictions, lift_frame
 from userip.ctr.trainer import TRAIN, TrainSettings, fit, metrics, predict
 from userip.errors import UseripError
+
+log = logging.getLogger(__name__)
 
 SETTINGS = tuple(SETTINGS_ORDER)  # with_user_id, no_user_id
 SLICES = tuple(SLICES_ORDER)  # all, cold
@@ -146,9 +152,16 @@ def run_ctr_table(
     preds = TestPredictions(y_test, splits[2].user, test_slices)
     rows: list[dict] = []
     fits: list[dict] = []
+    common = _inputs_digest(splits, sources, test_slices, variants=variants, settings=settings, seeds=seeds,
+                            train=dataclasses.asdict(train_settings), embedding_dim=embedding_dim)
+    info["backbone_keys"] = {b: _digest(common, model_hp[b]) for b in backbones}
+    done = _finished_backbones(out, info["backbone_keys"], preds, rows, fits, settings, variants, seeds)
     bar = tqdm(total=len(backbones) * len(settings) * len(variants) * len(seeds), desc="ctr runs",
                disable=not progress, unit="run")
     for backbone in backbones:
+        if backbone in done:  # a killed table's finished backbone: same inputs, so the same fits (kept)
+            bar.update(len(settings) * len(variants) * len(seeds))
+            continue
         for setting, variant, seed in itertools.product(settings, variants, seeds):
             t0 = time.perf_counter()
             spec, (tr, va, te) = features(variant, setting, seed)
@@ -176,6 +189,11 @@ def run_ctr_table(
             preds.save(out / "predictions.npz")  # what its paired lifts need (lift_frame(TestPredictions.load(...)))
             write_results(out, rows, fits, info)
     bar.close()
+    if done:  # taken-over backbones first: put every run back in the order an uninterrupted table writes
+        order = {b: i for i, b in enumerate(backbones)}
+        rows.sort(key=lambda r: order[r["backbone"]])
+        fits.sort(key=lambda f: order[f["backbone"]])
+        preds.preds = dict(sorted(preds.preds.items(), key=lambda kv: order[kv[0][0]]))
 
     # ---- the paired lifts: bootstrap over test users and seeds
     df = pd.DataFrame(rows)
@@ -187,3 +205,65 @@ def run_ctr_table(
         preds.save(out / "predictions.npz")
         write_results(out, rows, fits, info, final=df, lifts=lifts)
     return df
+
+
+# ------------------------------------------------------------------ resuming a killed table
+def _digest(*parts) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            a = np.ascontiguousarray(p)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _inputs_digest(splits, sources, test_slices, **plain) -> str:
+    """Everything a backbone's fits depend on besides its hyper-parameters: the examples, every user source,
+    the test slices and the plan (variants, settings, seeds, training settings)."""
+    arrays: list = []
+    for sp in splits:
+        arrays += [sp.name, sp.user, sp.label] + [x for k in sorted(sp.cols) for x in (k, sp.cols[k])]
+    for name in sorted(sources):
+        arrays += [name, sources[name].table]
+    for name in sorted(test_slices):
+        arrays += [name, test_slices[name]]
+    return _digest(plain, *arrays)
+
+
+def _finished_backbones(out: Path | None, keys: dict[str, str], preds: TestPredictions, rows: list[dict],
+                        fits: list[dict], settings, variants, seeds) -> set[str]:
+    """Backbones an unfinished table in ``out`` already ran on the same inputs (their key in its results.json
+    matches and predictions.npz holds every fit): their runs, fits and test predictions are taken over."""
+    if out is None or not (out / "results.json").is_file() or not (out / "predictions.npz").is_file():
+        return set()
+    from userip.io import read_json
+
+    try:
+        old = read_json(out / "results.json")
+        saved = TestPredictions.load(out / "predictions.npz")
+    except Exception as e:  # an unreadable partial table is rerun, never trusted
+        log.warning("not resuming the CTR table in %s: %s", out, e)
+        return set()
+    old_keys = (old.get("meta") or {}).get("backbone_keys") or {}
+    done = set()
+    for b, key in keys.items():
+        want = [(b, st, v, sd) for st, v, sd in itertools.product(settings, variants, seeds)]
+        if old_keys.get(b) != key or not all(k in saved.preds for k in want):
+            continue
+        b_rows = [r for r in old.get("runs", []) if r.get("backbone") == b]
+        b_fits = [f for f in old.get("fits", []) if f.get("backbone") == b]
+        if len(b_fits) != len(want) or len(b_rows) != len(want) * len(preds.slices):
+            continue
+        for r in b_rows:  # JSON has no NaN: json_safe wrote an undefined metric as null
+            r.update({k: math.nan for k in ("auc", "logloss") if r.get(k) is None})
+        rows += b_rows
+        fits += b_fits
+        for k in want:
+            preds.preds[k] = saved.preds[k]
+        done.add(b)
+        log.info("CTR table: %s taken over from the unfinished table in %s", b, out)
+    return done
