@@ -58,6 +58,8 @@ class HistoryMap(torch.nn.Module):
 class AmortisedFitter(Fitter):
     """Fits the shared prompt and the history map; personal parts (and so codes) follow from the history."""
 
+    recluster = True  # nothing trains against the codes: each M-step quantises that epoch's personal parts afresh
+
     def __init__(self, llm, cfg: ProfileConfig, corpus: Corpus, out_dir: Path | None = None,
                  states: PooledStates | None = None, progress: bool = False) -> None:
         super().__init__(llm, cfg, corpus, out_dir)

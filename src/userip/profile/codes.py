@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from userip.quantize import (
+    Codebook,
     assign,
     code_sums,
     kmeans_pp_init,
@@ -27,6 +28,11 @@ from userip.quantize import (
 
 class CodesMixin:
     """code_targets, m_step and code_stats over the Fitter's state (``self.state``, ``self.profiles``, ...)."""
+
+    # True: every M-step clusters afresh (converged, best of ``kmeans_restarts``) instead of updating last
+    # epoch's codebook: for modes where nothing is trained against the codes (amortised), so the codes are
+    # simply the best quantiser of this epoch's personal parts
+    recluster: bool = False
 
     def code_targets(self, users: torch.Tensor) -> torch.Tensor:
         """Each user's codeword mapped back to personal space: mu + s * c[z_u] -> [B, m, n, H]."""
@@ -64,11 +70,16 @@ class CodesMixin:
             X, mu, scale = self._personal_flat(k)
             st.mu[k, : p.n_tokens], st.scale[k] = mu, scale
             cb = st.codebooks.get(p.name)
-            if cb is None:  # k-means++ on everyone's vectors, in global user order (the same on every rank)
+            if cb is None or self.recluster:  # on everyone's vectors, in global user order (the same on every rank)
                 parts = self.dist.gather((self.users, X))
                 all_u = torch.cat([u for u, _ in parts])
                 all_x = torch.cat([x for _, x in parts])[torch.argsort(all_u)]
-                cb = kmeans_pp_init(all_x, p.codebook_size, g)
+                if self.cfg.kmeans_restarts > 1 or self.recluster:  # converged, best of the restarts
+                    book = Codebook(p.codebook_size)
+                    book.fit(all_x, iters=100, generator=g, restarts=self.cfg.kmeans_restarts)
+                    cb = book.codes
+                else:
+                    cb = kmeans_pp_init(all_x, p.codebook_size, g)
             if iters:  # joint mode (iters=0) keeps its codebook tensors: its optimiser holds them
                 cb = cb.detach().clone()
                 for _ in range(iters):

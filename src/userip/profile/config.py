@@ -72,6 +72,9 @@ class ProfileConfig:
     prior_beta: float = 0.5
     # quantisation / M-step
     kmeans_iters: int = 5
+    # k-means++ draws when a codebook is clustered from scratch (each run to convergence, the lowest inertia
+    # kept): em's first M-step, and every M-step of amortised/hybrid, whose codes follow the map
+    kmeans_restarts: int = 10
     joint_beta: float = 0.5  # joint mode: weight of ||sg(theta) - c||^2
     # amortised inference: theta_k = shared_k + A_k B_k z_u, z_u = standardised pooled history state
     rank: int = 32
@@ -136,7 +139,7 @@ class ProfileConfig:
                 raise UseripError(f"config.{key}: '{getattr(self, key)}' is not one of {', '.join(allowed)}")
         positive = ("max_items", "max_tokens", "windows_per_user", "batch_users", "inner_steps", "epochs",
                     "kmeans_iters", "ce_chunk", "rank", "pool_batch", "eval_windows", "ceiling_items",
-                    "hybrid_map_epochs")
+                    "hybrid_map_epochs", "kmeans_restarts")
         for key in positive:
             if int(getattr(self, key)) < 1:
                 raise UseripError(f"config.{key}: must be >= 1, got {getattr(self, key)}")
