@@ -135,12 +135,15 @@ def test_resume_after_interruption_gives_identical_ids(llm, tmp_path):
     assert torch.allclose(full.theta_table()[0], resumed.theta_table()[0])
 
 
-def test_new_users_get_their_fitted_ids_with_no_gradient_step(llm, tmp_path):
+def _fit_and_reload(llm, tmp_path, conf: ProfileConfig, users: list[int]):
+    """(the fit, a fresh fitter loaded from its written outputs over a corpus that holds ``users``' same train
+    windows as new rows, those rows): the way ``profile infer`` sees a PROFILES dir."""
+    from userip.profile.api import write_outputs
+
     corpus = planted(llm.tokenizer, n_users=24)
     states = PooledStates(llm, cache=tmp_path / "c.safetensors")
-    fit = AmortisedFitter(llm, cfg(), corpus, tmp_path, states=states)
+    fit = AmortisedFitter(llm, conf, corpus, tmp_path, states=states)
     fit.fit(progress=False)
-    from userip.profile.api import write_outputs
 
     class _Data:
         fingerprint, path = "x", tmp_path
@@ -149,13 +152,18 @@ def test_new_users_get_their_fitted_ids_with_no_gradient_step(llm, tmp_path):
         def user_ids(idx):
             return [str(i) for i in idx]
 
-    write_outputs(tmp_path / "out", fit, _Data, cfg(), "tiny", {})
-    users = list(range(1, 11))
+    write_outputs(tmp_path / "out", fit, _Data, conf, "tiny", {})
     rows = [24 + 1 + i for i in range(len(users))]
     new = Corpus({r: corpus.train[u] for r, u in zip(rows, users, strict=True)}, {}, 24 + len(rows),
                  np.zeros(24 + len(rows) + 1, dtype=np.int64))
-    inf = AmortisedFitter(llm, cfg(), new, None, states=states)
+    inf = AmortisedFitter(llm, conf, new, None, states=states)
     inf.load_fitted(tmp_path / "out")
+    return fit, inf, rows
+
+
+def test_new_users_get_their_fitted_ids_with_no_gradient_step(llm, tmp_path):
+    users = list(range(1, 11))
+    fit, inf, rows = _fit_and_reload(llm, tmp_path, cfg(), users)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("no autograd graph"), lambda t: t):
         z = inf.infer(torch.tensor(rows))
     assert torch.equal(z, fit.assignments()[users]), "the same history must give the same IDs"
@@ -164,26 +172,8 @@ def test_new_users_get_their_fitted_ids_with_no_gradient_step(llm, tmp_path):
 def test_a_fitted_user_is_re_read_by_their_own_folds_map(llm, tmp_path):
     """With cross-fitting a fitted user's IDs come from their fold's map: a refresh from the same history (the
     user named as fitted) reproduces them; a user the fit never saw is read by the average of the maps."""
-    corpus = planted(llm.tokenizer, n_users=24)
-    states = PooledStates(llm, cache=tmp_path / "c.safetensors")
-    fit = AmortisedFitter(llm, cfg(cross_fit=2), corpus, tmp_path, states=states)
-    fit.fit(progress=False)
-    from userip.profile.api import write_outputs
-
-    class _Data:
-        fingerprint, path = "x", tmp_path
-
-        @staticmethod
-        def user_ids(idx):
-            return [str(i) for i in idx]
-
-    write_outputs(tmp_path / "out", fit, _Data, cfg(cross_fit=2), "tiny", {})
     users = list(range(1, 25))
-    rows = [24 + 1 + i for i in range(len(users))]
-    new = Corpus({r: corpus.train[u] for r, u in zip(rows, users, strict=True)}, {}, 24 + len(rows),
-                 np.zeros(24 + len(rows) + 1, dtype=np.int64))
-    inf = AmortisedFitter(llm, cfg(cross_fit=2), new, None, states=states)
-    inf.load_fitted(tmp_path / "out")
+    fit, inf, rows = _fit_and_reload(llm, tmp_path, cfg(cross_fit=2), users)
     assert torch.equal(inf.fitted_fold, fit.fold)
     z = inf.infer(torch.tensor(rows), fitted_rows=torch.tensor(users))
     assert torch.equal(inf.fold[rows], fit.fold[users])

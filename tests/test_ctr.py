@@ -405,21 +405,27 @@ def test_cli_ctr_train(fake_stages, tmp_path):
     assert r.exit_code == 2 and "unknown CTR backbone" in r.output
 
 
-def test_a_killed_table_keeps_the_finished_backbones_predictions(learnable, monkeypatch, tmp_path):
-    """results.json and predictions.npz are rewritten after every backbone, so the lifts of what finished can be
-    computed from a table killed inside a later backbone."""
+def _die_in_deepfm(monkeypatch) -> None:
+    """Kill the table (as Ctrl-C would) at its first DeepFM fit."""
     import userip.ctr.run as ctr_run
-    from userip.ctr.table import TestPredictions, lift_frame
 
-    splits, group, activity = learnable
     orig_fit = ctr_run.fit
 
-    def dies_in_deepfm(model, *a, **kw):
+    def dies(model, *a, **kw):
         if kw["desc"].startswith("deepfm"):
             raise KeyboardInterrupt
         return orig_fit(model, *a, **kw)
 
-    monkeypatch.setattr(ctr_run, "fit", dies_in_deepfm)
+    monkeypatch.setattr(ctr_run, "fit", dies)
+
+
+def test_a_killed_table_keeps_the_finished_backbones_predictions(learnable, monkeypatch, tmp_path):
+    """results.json and predictions.npz are rewritten after every backbone, so the lifts of what finished can be
+    computed from a table killed inside a later backbone."""
+    from userip.ctr.table import TestPredictions, lift_frame
+
+    splits, group, activity = learnable
+    _die_in_deepfm(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _run(splits, group, activity, backbones=["dcn", "deepfm"], seeds=[0, 1], settings=["no_user_id"],
              variants=["base", "+ids", "+ids-permuted"], bootstrap=20, out=tmp_path, progress=False)
@@ -443,13 +449,7 @@ def test_a_rerun_takes_over_the_finished_backbones_and_matches_an_uninterrupted_
     whole = _run(splits, group, activity, out=tmp_path / "whole", **kw)
     orig_fit = ctr_run.fit
     fitted: list[str] = []
-
-    def dies_in_deepfm(model, *a, **k):
-        if k["desc"].startswith("deepfm"):
-            raise KeyboardInterrupt
-        return orig_fit(model, *a, **k)
-
-    monkeypatch.setattr(ctr_run, "fit", dies_in_deepfm)
+    _die_in_deepfm(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _run(splits, group, activity, out=tmp_path / "killed", **kw)
 

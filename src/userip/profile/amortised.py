@@ -95,6 +95,7 @@ class AmortisedFitter(Fitter):
         self.opt = torch.optim.Adam([{"params": [self.shared_param], "lr": cfg.lr_shared},
                                      {"params": list(self.maps.parameters()), "lr": cfg.lr_map}])
         self.profiles.table.zero_()
+        self.fitted_fold: torch.Tensor | None = None  # a loaded fit's fold per user_idx (load_fitted)
 
     @property
     def map(self) -> HistoryMap:
@@ -288,7 +289,7 @@ class AmortisedFitter(Fitter):
             raise ValueError("infer needs a fitted model (codebooks)")
         users = torch.as_tensor(users, dtype=torch.long)
         folds = torch.full((len(users),), -1, dtype=torch.long)
-        known = getattr(self, "fitted_fold", None)
+        known = self.fitted_fold
         if fitted_rows is not None and known is not None:
             fitted_rows = torch.as_tensor(fitted_rows, dtype=torch.long)
             ok = (fitted_rows > 0) & (fitted_rows < len(known))

@@ -403,4 +403,3 @@ class Codebook:
     def ids(self, x: Tensor) -> Tensor:
         """1-based profile IDs in ``1..K``: 0 is reserved pipeline-wide for unknown users."""
         return self.assign(x)[0] + 1
-
