@@ -288,6 +288,8 @@ def test_bad_inputs_are_clear(learnable):
         run_ctr_table(no_item, va, te, ids=group[:, None], id_sizes=[4], activity=activity)
     with pytest.raises(UseripError, match="unknown variants"):
         _run(splits, group, activity, variants=["+magic"])
+    with pytest.raises(UseripError, match=r"unknown settings \['bth'\]; known: with_user_id, no_user_id"):
+        _run(splits, group, activity, settings="bth")
     with pytest.raises(UseripError, match=r"'\+theta' needs theta"):
         _run(splits, group, activity, variants=["+theta"])
     with pytest.raises(UseripError, match=r"unknown variants \['\+activity-permuted'\]"):
@@ -396,11 +398,12 @@ def test_cli_ctr_train(fake_stages, tmp_path):
 
     from userip.cli import app
 
-    args = ["ctr", "train", "--data", "D", "--bank", "B", "--backbones", "dcn", "--seeds", "2", "--out",
-            str(tmp_path), "--variants", "base,+ids", "--settings", "no_user_id", "--max-epochs", "1"]
+    args = ["ctr", "train", "--data", "D", "--bank", "B", "--backbones", "dcn", "--seeds", "1", "--out",
+            str(tmp_path), "--variants", "base,+ids", "--settings", "both", "--max-epochs", "1"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "+ids vs base" in r.output
+    assert "Headline: with_user_id" in r.output and "Headline: no_user_id" in r.output  # "both", as --help says
     r = CliRunner().invoke(app, [*args[:7], "nope", *args[8:]])
     assert r.exit_code == 2 and "unknown CTR backbone" in r.output
 

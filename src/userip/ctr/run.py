@@ -106,7 +106,7 @@ def run_ctr_table(
     seeds = list(range(int(seeds))) if isinstance(seeds, int | np.integer) else [int(s) for s in seeds]
     if not seeds:
         raise UseripError("no seeds given")
-    settings = V.as_list(settings, "settings", SETTINGS)
+    settings = list(SETTINGS) if settings == "both" else V.as_list(settings, "settings", SETTINGS)
     if int(bootstrap) < 10:
         raise UseripError(f"bootstrap must be >= 10 replicates, got {bootstrap}")
     train_settings = TrainSettings(lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs,
