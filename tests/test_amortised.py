@@ -75,6 +75,31 @@ def test_amortised_fit_learns_personal_profiles_that_follow_the_planted_groups(l
     assert "rating_token" in gaps["own_vs_mean"] and "item" in gaps["own_vs_mean"]
     assert f.ceiling_metrics["personal_gain"] is not None
     assert "captured" in last and last["personal_scale"] in (1.0, *cfg().eval_scales)
+    # the published profile is the scale the selection half chose at the best epoch
+    best = st.metrics[st.best_epoch - 1]["select"]["heldout"]
+    assert last["applied_scale"] == ev.pick_scale(best, cfg().eval_scales)
+
+
+def test_the_published_scale_is_the_chosen_variant_and_keeps_every_id(llm, tmp_path):
+    corpus = planted(llm.tokenizer, n_users=16)
+    f = AmortisedFitter(llm, cfg(epochs=2, cross_fit=2, apply_scale=False), corpus, None,
+                        states=PooledStates(llm, cache=tmp_path / "c.safetensors"))
+    st = f.fit(progress=False)
+    assert st.final["applied_scale"] == 1.0
+    users = f.eval_users
+    before = f.eval_variants(users)
+    z = f.assignments()
+    f.apply_personal_scale(0.5)
+    after = f.eval_variants(users)
+    torch.testing.assert_close(after["own"], before["own_x0.5"])  # exactly the variant that was chosen
+    torch.testing.assert_close(after["mean"], before["mean"])  # the population prompt does not move
+    assert not torch.allclose(after["own"], before["own"])
+    # the map was scaled too: reading the histories again gives the published profiles and the same IDs
+    f.materialise(f.users)
+    theta, _ = f.theta_table()
+    torch.testing.assert_close(theta[users], after["own"])
+    f.fitted_fold = f.fold.clone()
+    assert torch.equal(f.infer(f.users, fitted_rows=f.users), z[f.users])
 
 
 def test_loo_and_forecast_features_never_read_the_target_window(llm, tmp_path):

@@ -222,6 +222,12 @@ class AmortisedFitter(Fitter):
             maps = self.fold[chunk]
             self.profiles.table[self.rows(chunk)] = self.personal(self.features(chunk.tolist()), maps)
 
+    @torch.no_grad()
+    def scale_map(self, a: float) -> None:
+        for m in self.maps:
+            for A in m.A:
+                A.mul_(a)
+
     # ------------------------------------------------------------------ state
     def map_state(self) -> dict[str, torch.Tensor]:
         """The trained encoder: map weights and the history standardisation (saved with the profiles)."""

@@ -105,6 +105,10 @@ class ProfileConfig:
     # runs once on the best) | full (every variant and the intervals every epoch)
     eval_each_epoch: str = "select"
     eval_scales: list[float] = field(default_factory=lambda: [0.5, 0.25])  # own, personal part scaled
+    # publish the scale the selection half chose (at the best epoch): every user's personal part is shrunk (or
+    # grown) toward the population centre by it in theta, the map and new users' profiles; IDs do not change
+    # (codes read the normalised direction). The epoch is chosen by its best scaled own. False: publish x1
+    apply_scale: bool = True
     ceiling_items: int = 24  # the in-context ceiling: the user's last N train interactions as plain text
     # the ceiling's plain-text prompt before the history (None: the template's text right before {behaviour});
     # set it when the slots sit inside that text, e.g. "... from 1 to 5 (hobby: {hobby}): {behaviour}"

@@ -256,6 +256,13 @@ def per_token(s: UserSums) -> dict[str, float]:
     return {k: float(v.sum() / t) for k, v in s.nll.items()}
 
 
+def pick_scale(heldout: dict[str, float], scales: list[float]) -> float:
+    """The personal-part scale (1 or one of ``scales``) whose ``own_x{a}`` has the lowest held-out NLL in
+    ``heldout`` (the selection half's per-token NLL per variant)."""
+    candidates = {1.0: "own", **{a: f"own_x{a:g}" for a in scales}}
+    return min(candidates, key=lambda a: heldout.get(candidates[a], np.inf))
+
+
 def summarise(s: UserSums, seed: int, n_boot: int, scales: list[float],
               ceiling: UserSums | None = None) -> dict[str, Any]:
     """Epoch metrics from per-user sums: the selection half picks the personal-part scale; every gap is
@@ -263,9 +270,8 @@ def summarise(s: UserSums, seed: int, n_boot: int, scales: list[float],
     select, report = halves(s.users, seed)
     sel, rep = s.subset(select), s.subset(report)
     sel_nll = per_token(sel)
-    candidates = {1.0: "own", **{a: f"own_x{a:g}" for a in scales}}
-    scale = min(candidates, key=lambda a: sel_nll.get(candidates[a], np.inf))
-    best = candidates[scale]
+    scale = pick_scale(sel_nll, scales)
+    best = "own" if scale == 1.0 else f"own_x{scale:g}"
     gaps = {
         "own_vs_mean": paired_gap(rep, "mean", "own", n_boot, seed),
         "own_vs_shuffled": paired_gap(rep, "shuffled", "own", n_boot, seed),

@@ -124,9 +124,9 @@ class Fitter(CodesMixin):
             m["compute"] = self.compute()
             m.update(self.epoch_metrics())
             st.metrics.append(m)
-            # select on the selection half of the evaluation users (reported figures come from the other half)
-            score = m["select"]["heldout"]["own"] if "select" in m else m["heldout"]["own"] if "heldout" in m \
-                else m["train_nll"]  # no held-out users: train NLL
+            # select on the selection half of the evaluation users (reported figures come from the other half):
+            # own at the scale this epoch would publish
+            score = self._selection_score(m)
             if score < st.best_nll - 1e-6:
                 st.best_nll, st.best_epoch, st.bad_epochs = score, st.epoch, 0
                 self.best = self._snapshot()
@@ -140,10 +140,52 @@ class Fitter(CodesMixin):
             self._restore(self.best)
         if st.metrics:  # the reported evaluation: every variant, the report half, the ceiling, at the best epoch
             best = st.metrics[st.best_epoch - 1] if st.best_epoch else st.metrics[-1]
-            st.final = {**best, **(self.evaluate(full=True) if cfg.eval_each_epoch != "full" else {})}
+            applied = self._published_scale(best)
+            if applied != 1.0:
+                self.apply_personal_scale(applied)
+            st.final = {**best, **(self.evaluate(full=True) if cfg.eval_each_epoch != "full" or applied != 1.0
+                                   else {}), "applied_scale": applied}
             if progress:
                 tqdm.write("best epoch, full evaluation: " + _epoch_line(st.final))
         return st
+
+    # ------------------------------------------------------------------ the published personal-part scale
+    def _published_scale(self, m: dict[str, Any]) -> float:
+        """The scale an epoch's profiles would be published at: the selection half's choice (apply_scale)."""
+        from userip.profile import evaluate as ev
+
+        if not (self.cfg.apply_scale and self.profiles.residual):
+            return 1.0
+        sel = m.get("select", {}).get("heldout") or m.get("heldout")
+        return ev.pick_scale(sel, self.cfg.eval_scales) if sel else 1.0
+
+    def _selection_score(self, m: dict[str, Any]) -> float:
+        sel = m.get("select", {}).get("heldout") or m.get("heldout")
+        if not sel:
+            return m["train_nll"]  # no held-out users
+        a = self._published_scale(m)
+        return sel["own" if a == 1.0 else f"own_x{a:g}"]
+
+    @torch.no_grad()
+    def apply_personal_scale(self, a: float) -> None:
+        """Publish ``own_x{a}``: every user's personal part moved toward the population centre mu by ``a``.
+
+        theta_u = shared + delta_u becomes (shared + (1 - a) mu) + a delta_u = shared + mu + a (delta_u - mu),
+        exactly the variant the selection half chose, so the population prompt (shared + mu) is unchanged.
+        Codebooks live in the normalised space of the centred personal parts, so codes and IDs do not change;
+        mu and the RMS scale follow. Modes with a map (amortised, hybrid) scale it too (``scale_map``), so new
+        users get the same scale."""
+        st, prof = self.state, self.profiles
+        if not prof.residual or st.mu is None:
+            raise UseripError("the personal-part scale applies to the residual table after an M-step")
+        prof.shared += (1.0 - a) * st.mu  # in place: an inference mode's optimiser may hold this storage
+        r = self.rows(self.users)
+        prof.table[r] = a * prof.table[r]
+        st.mu, st.scale = a * st.mu, a * st.scale
+        self.scale_map(a)
+
+    def scale_map(self, a: float) -> None:
+        """Scale what produces a new user's personal part (amortised: the map's output layer)."""
 
     # ------------------------------------------------------------------ what an inference mode provides
     def train_epoch(self, g: torch.Generator, epochs: int, progress: bool) -> tuple[float, float]:

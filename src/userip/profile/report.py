@@ -27,7 +27,9 @@ def summary_table(metrics: dict[str, Any]) -> Group:
     final = metrics.get("final", {})
     gaps = final.get("report", {}).get("gaps", {})
     if gaps:
-        g = Table(title=f"best epoch, report half ({final['report']['users']} users), 95% bootstrap intervals")
+        applied = final.get("applied_scale", 1.0)
+        g = Table(title=f"best epoch, report half ({final['report']['users']} users), 95% bootstrap intervals"
+                        + (f"; own = the published profile, personal part x{applied:g}" if applied != 1.0 else ""))
         for col in ("comparison", "nats/token", "95% CI", "per item", "rating tokens", "verdict"):
             g.add_column(col, justify="right", no_wrap=True)
         for name, x in gaps.items():
@@ -43,7 +45,7 @@ def summary_table(metrics: dict[str, Any]) -> Group:
         cap = final.get("captured")
         parts.append(f"ceiling (own vs another's history in context, report half): {c['history_own']:.4f} vs "
                      f"{c['history_other']:.4f}, personal gain {c['personal_gain']:+.4f} nats/token; captured "
-                     f"{cap:.0%}" + (f", {final['captured_calibrated']:.0%} with the personal part x"
+                     f"{cap:.0%}" + (f", {final['captured_calibrated']:.0%} with the personal part a further x"
                                      f"{final['personal_scale']:g}" if "captured_calibrated" in final else "")
                      if cap is not None else "")
     c = Table(title="codes (best epoch)")

@@ -46,7 +46,10 @@ def profile_headline(metrics: dict[str, Any]) -> str:
         return (f"**Profiles ({verdict}, no interval)**: held-out NLL/token own {h['own']:.4f} vs population mean "
                 f"{h['mean']:.4f} (gap {f['gap_own_vs_mean']:+.4f}), vs another user's {h['shuffled']:.4f}.")
     verdict = "personal signal" if om["lo"] > 0 else "no personal signal"
-    text = (f"**Profiles ({verdict})**: on {om['users']} held-out report users, own beats the population prompt by "
+    applied = f.get("applied_scale", 1.0)
+    own = "own" if applied == 1.0 else \
+        f"own (the published profile: personal part x{applied:g}, chosen on the selection half)"
+    text = (f"**Profiles ({verdict})**: on {om['users']} held-out report users, {own} beats the population prompt by "
             f"{om['token']:+.4f} nats/token [{om['lo']:+.4f}, {om['hi']:+.4f}] ({om['item']:+.4f} per item) and "
             f"another user's profile by {osh.get('token', float('nan')):+.4f} "
             f"[{osh.get('lo', float('nan')):+.4f}, {osh.get('hi', float('nan')):+.4f}]")
@@ -58,7 +61,7 @@ def profile_headline(metrics: dict[str, Any]) -> str:
                  f"the profile captures {f.get('captured', 0):.0%} of it")
         if f.get("personal_scale", 1.0) != 1.0:
             cal = g.get("calibrated_vs_mean", {})
-            text += (f" ({f.get('captured_calibrated', 0):.0%} with the personal part scaled by "
+            text += (f" ({f.get('captured_calibrated', 0):.0%} with the personal part scaled by a further "
                      f"{f['personal_scale']:g}: {cal.get('token', float('nan')):+.4f} "
                      f"[{cal.get('lo', float('nan')):+.4f}, {cal.get('hi', float('nan')):+.4f}])")
     return text + "."
