@@ -58,8 +58,8 @@ def history_states(data, llm, profile=None, *, cache: str | Path | None = "defau
     marks = {u: (m[-cap:] if cap else m) for u, m in corpus.train_marks.items()}
     if cfg.pool == "rating" and not marks:
         raise UseripError("profile.pool 'rating' needs behaviour: rated (the text must hold the ratings)")
-    states = PooledStates(llm, cfg.pool, cfg.pool_batch, cache=cache).get(windows, progress=progress,
-                                                                         marks=marks or None)
+    pooled = PooledStates(llm, cfg.pool, cfg.pool_batch, cache=cache, layer=cfg.pool_layer)
+    states = pooled.get(windows, progress=progress, marks=marks or None)
     users = np.asarray(sorted(states), dtype=np.int64)
     means = torch.stack([states[int(u)].float().mean(0) for u in users])
     # the amortised encoder's z_u: centred and scaled per dimension, so no direction dominates by its scale
@@ -67,10 +67,11 @@ def history_states(data, llm, profile=None, *, cache: str | Path | None = "defau
     z = (means - means.mean(0)) / std
     n_windows = sum(len(w) for w in windows.values())
     reads = (f"{describe_behaviour(cfg.to_dict(), 'every train window')} (<= {cfg.max_tokens} tokens"
-             f"{f', the last {cap} windows' if cap else ''}) -> the frozen {llm.name}'s last hidden state, "
+             f"{f', the last {cap} windows' if cap else ''}) -> the frozen {llm.name}'s "
+             f"{f'block {cfg.pool_layer}' if cfg.pool_layer else 'last'} hidden state, "
              f"{cfg.pool}-pooled per window, averaged, standardised")
     info = {"behaviour": cfg.behaviour, "title_year": cfg.title_year, "pool": cfg.pool, "max_tokens": cfg.max_tokens,
-            "history_windows": cap, "n_windows": n_windows, "reads": reads}
+            "pool_layer": cfg.pool_layer, "history_windows": cap, "n_windows": n_windows, "reads": reads}
     return users, z, info
 
 

@@ -65,7 +65,7 @@ class AmortisedFitter(Fitter):
         super().__init__(llm, cfg, corpus, out_dir)
         if self.dist.world > 1:
             raise UseripError("inference 'amortised' runs in one process (the sharded fit is for 'em')")
-        self.pooled = states or PooledStates(llm, cfg.pool, cfg.pool_batch)
+        self.pooled = states or PooledStates(llm, cfg.pool, cfg.pool_batch, layer=cfg.pool_layer)
         # the encoder reads (and trains on) each user's most recent windows: bounds a new user's cost
         cap = cfg.history_windows
         self.windows = {u: (w[-cap:] if cap else w) for u, w in corpus.train.items()}

@@ -88,7 +88,8 @@ def make_fitter(llm, cfg: ProfileConfig, corpus: Corpus, out: Path | None, progr
         from userip.profile.hybrid import HybridFitter
         from userip.profile.pooled import PooledStates
 
-        states = PooledStates(llm, cfg.pool, cfg.pool_batch, cache="default" if pooled_cache else None)
+        states = PooledStates(llm, cfg.pool, cfg.pool_batch, cache="default" if pooled_cache else None,
+                              layer=cfg.pool_layer)
         cls = HybridFitter if cfg.inference == "hybrid" else AmortisedFitter
         return cls(llm, cfg, corpus, out, states=states, progress=progress)
     return ProfileFitter(llm, cfg, corpus, out)

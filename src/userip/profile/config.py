@@ -98,6 +98,9 @@ class ProfileConfig:
     # hybrid: weight of ||delta_u - amortised output_u||^2 in the E-step (per dim, as prior_lambda in em)
     hybrid_prior: float = 0.5
     pool_batch: int = 32  # windows per no-grad forward when pooling history states
+    # which decoder block's output is pooled: 0 = the last; N = block N (later blocks are not run: a new user's
+    # cost falls with N)
+    pool_layer: int = 0
     # evaluation / stopping
     eval_users: int = 0  # 0 = every user with validation windows
     eval_windows: int = 1  # held-out windows per evaluation user (the first ones of the validation period)
@@ -148,7 +151,7 @@ class ProfileConfig:
             if int(getattr(self, key)) < 1:
                 raise UseripError(f"config.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("prior_lambda", "prior_beta", "lr_user", "lr_shared", "delta_init_std", "joint_beta", "lr_map",
-                    "steps_per_epoch", "bootstrap", "history_windows", "cross_fit", "hybrid_prior"):
+                    "steps_per_epoch", "bootstrap", "history_windows", "cross_fit", "hybrid_prior", "pool_layer"):
             if float(getattr(self, key)) < 0:
                 raise UseripError(f"config.{key}: must be >= 0, got {getattr(self, key)}")
         for name in names:

@@ -1,4 +1,8 @@
-"""Pooled history states: the frozen LLM's last hidden state, pooled over each behaviour window of a user.
+"""Pooled history states: the frozen LLM's hidden state, pooled over each behaviour window of a user.
+
+The state is the last layer's, or a middle block's (``profile.pool_layer``): a middle layer is cheaper (the
+blocks after it are not run) and is often as good a summary of what was read as the last, which is tuned to
+predict the next token.
 
 One no-grad forward per window (``[BOS] + window tokens``, no prompt), pooled by the mean over the window's
 tokens, at its last token, or by the mean over its rating tokens (``rating``: 'rated' text, where the state
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from userip.errors import UseripError
 from userip.io import atomic_path
 from userip.paths import cache_dir
 from userip.profile.template import make_batch
@@ -28,11 +35,11 @@ from userip.profile.template import make_batch
 log = logging.getLogger(__name__)
 
 
-def model_key(llm, pool: str) -> str:
-    """Identity of the LLM (name, size, a checksum of its input embeddings) and the pooling."""
+def model_key(llm, pool: str, layer: int = 0) -> str:
+    """Identity of the LLM (name, size, a checksum of its input embeddings), the pooling and the layer."""
     emb = llm.input_embeddings().weight
     probe = emb.detach().flatten()[:4096].float().double().sum().item()
-    raw = f"{llm.name}|{emb.shape[0]}x{emb.shape[1]}|{probe:.10e}|{pool}"
+    raw = f"{llm.name}|{emb.shape[0]}x{emb.shape[1]}|{probe:.10e}|{pool}" + (f"|layer{layer}" if layer else "")
     return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
 
 
@@ -44,13 +51,45 @@ def user_digest(windows: list[list[int]]) -> bytes:
     return h.digest()
 
 
+def n_layers(llm) -> int:
+    """How many decoder blocks the LLM's backbone runs."""
+    return len(llm.model.model.layers)
+
+
+@contextmanager
+def first_blocks(llm, layer: int) -> Iterator[None]:
+    """Run only the backbone's first ``layer`` decoder blocks (0: all of them) inside the block. The forward's
+    last_hidden_state is then block ``layer``'s output through the model's final norm, and the blocks after it
+    cost nothing: the point of pooling a middle layer."""
+    backbone = llm.model.model
+    blocks = backbone.layers
+    if not layer:
+        yield
+        return
+    if not 0 < layer <= len(blocks):
+        raise UseripError(f"profile.pool_layer {layer}: {llm.name} has {len(blocks)} decoder blocks "
+                          f"(use 1..{len(blocks)}, or 0 for the last)")
+    backbone.layers = torch.nn.ModuleList(list(blocks)[:layer])
+    try:
+        yield
+    finally:
+        backbone.layers = blocks
+
+
 @torch.no_grad()
 def pool_windows(llm, windows: list[list[int]], pool: str = "mean", batch_size: int = 32,
-                 progress: bool = False, marks: list[list[bool]] | None = None) -> torch.Tensor:
-    """[N, H] fp32 pooled last hidden states of ``windows`` (token id lists), batched by length. ``pool:
-    rating`` averages over the tokens ``marks`` flags (a window with none falls back to the mean)."""
+                 progress: bool = False, marks: list[list[bool]] | None = None, layer: int = 0) -> torch.Tensor:
+    """[N, H] fp32 pooled hidden states of ``windows`` (token id lists), batched by length: the last layer's,
+    or block ``layer``'s (through the final norm; later blocks are not run). ``pool: rating`` averages over the
+    tokens ``marks`` flags (a window with none falls back to the mean)."""
     if pool == "rating" and (marks is None or len(marks) != len(windows)):
         raise ValueError("pool 'rating' needs the rating-token marks of every window ('rated' behaviour text)")
+    with first_blocks(llm, layer):
+        return _pool(llm, windows, pool, batch_size, progress, marks)
+
+
+def _pool(llm, windows: list[list[int]], pool: str, batch_size: int, progress: bool,
+          marks: list[list[bool]] | None) -> torch.Tensor:
     H = llm.hidden_size
     out = torch.zeros(len(windows), H)
     if not windows:
@@ -67,7 +106,8 @@ def pool_windows(llm, windows: list[list[int]], pool: str = "mean", batch_size: 
         ids, lengths = batch.behaviour, batch.lengths
         pos = torch.arange(ids.shape[1])[None]
         attn = (pos < lengths[:, None]).long()
-        h = backbone(input_ids=ids.to(llm.device), attention_mask=attn.to(llm.device)).last_hidden_state
+        h = backbone(input_ids=ids.to(llm.device), attention_mask=attn.to(llm.device),
+                     use_cache=False).last_hidden_state
         h = h.float().cpu()
         if pool == "last":
             pooled = h[torch.arange(len(seqs)), lengths - 1]
@@ -88,9 +128,10 @@ class PooledStates:
     """Per user_idx, the pooled states [n_windows, H] of their train windows, from the disk cache where the
     same user content was pooled before with the same LLM and pooling."""
 
-    def __init__(self, llm, pool: str = "mean", batch_size: int = 32, cache: Path | str | None = "default") -> None:
-        self.llm, self.pool, self.batch_size = llm, pool, batch_size
-        self.key = model_key(llm, pool)
+    def __init__(self, llm, pool: str = "mean", batch_size: int = 32, cache: Path | str | None = "default",
+                 layer: int = 0) -> None:
+        self.llm, self.pool, self.batch_size, self.layer = llm, pool, batch_size, layer
+        self.key = model_key(llm, pool, layer)
         if cache == "default":
             cache = cache_dir("pooled") / f"{self.key}.safetensors"
         self.path = Path(cache) if cache is not None else None
@@ -117,7 +158,7 @@ class PooledStates:
             "states": torch.cat([entries[k] for k in keys]).contiguous(),
         }
         with atomic_path(self.path) as tmp:
-            save_file(tensors, str(tmp), metadata={"key": self.key, "pool": self.pool})
+            save_file(tensors, str(tmp), metadata={"key": self.key, "pool": self.pool, "layer": str(self.layer)})
 
     def get(self, windows: dict[int, list[list[int]]], progress: bool = False,
             marks: dict[int, list[list[bool]]] | None = None) -> dict[int, torch.Tensor]:
@@ -130,7 +171,8 @@ class PooledStates:
             flat = [w for u in todo for w in windows[u]]
             flat_marks = [m for u in todo for m in marks[u]] if (marks and self.pool == "rating") else None
             log.info("pooling %d windows of %d users (%d users cached)", len(flat), len(todo), len(windows) - len(todo))
-            states = pool_windows(self.llm, flat, self.pool, self.batch_size, progress, marks=flat_marks)
+            states = pool_windows(self.llm, flat, self.pool, self.batch_size, progress, marks=flat_marks,
+                                  layer=self.layer)
             i = 0
             for u in todo:
                 n = len(windows[u])
