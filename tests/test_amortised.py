@@ -146,7 +146,7 @@ def test_pooled_states_are_cached_by_content_and_match_a_fresh_pass(llm, tmp_pat
     assert torch.allclose(alone[0], first[3][0], atol=1e-5)
 
 
-def test_a_middle_layer_is_pooled_without_running_the_blocks_after_it(llm, tmp_path):
+def test_a_middle_layer_is_pooled_without_running_the_blocks_after_it(llm):
     from userip.errors import UseripError
     from userip.profile.pooled import model_key, n_layers
 
@@ -157,6 +157,7 @@ def test_a_middle_layer_is_pooled_without_running_the_blocks_after_it(llm, tmp_p
         hidden = backbone(input_ids=ids, output_hidden_states=True).hidden_states
     depth = n_layers(llm)
     assert depth >= 2
+    attn = llm.model.config._attn_implementation
     ran = []
     hooks = [b.register_forward_hook(lambda *a, i=i: ran.append(i)) for i, b in enumerate(backbone.layers)]
     try:
@@ -167,7 +168,8 @@ def test_a_middle_layer_is_pooled_without_running_the_blocks_after_it(llm, tmp_p
     assert ran == [0], "the blocks after the pooled one must not run"
     want = backbone.norm(hidden[1])[0, 1:].float().mean(0)  # block 1's output through the final norm, BOS left out
     torch.testing.assert_close(got[0], want, atol=1e-4, rtol=1e-4)
-    assert n_layers(llm) == depth  # the backbone is whole again
+    assert n_layers(llm) == depth  # the backbone is whole again, with the attention it was loaded with
+    assert llm.model.config._attn_implementation == attn
     torch.testing.assert_close(pool_windows(llm, [window], layer=depth), pool_windows(llm, [window]))
     assert model_key(llm, "mean", 1) != model_key(llm, "mean") == model_key(llm, "mean", 0)
     with pytest.raises(UseripError, match=f"pool_layer {depth + 1}: .* has {depth} decoder blocks"):
