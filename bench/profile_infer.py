@@ -11,6 +11,8 @@
    it removed), vs their fitted IDs: agreement and Cohen's kappa per profile (with a 95% bootstrap interval
    over the users), and the codes in use. A fitted user is read by their own cross-fitting fold's map, so
    ``same_as_full_history`` (the full history re-inferred) is 1.0 up to bf16 batch effects.
+4. ``--pool-layers 0,12``: the pooling alone, ms per user, side by side in one run: the last layer with eager
+   attention (as pooling ran before), and each listed decoder block with SDPA (``profile.pool_layer``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,31 @@ def one_more_item_seconds(llm, cfg, data, user: int, reps: int = 5) -> dict[str,
     return out
 
 
+def pooling_cost(llm, cfg, data, user_idx: list[int], layers: list[int]) -> dict[str, float]:
+    """Milliseconds per user of pooling these users' train windows (as the fit reads them), side by side: the
+    last layer with eager attention (how pooling ran before), then each of ``layers`` (0 = the last) with SDPA
+    (how it runs now). Cost only: whether a middle layer's profiles are as good needs a fit with it."""
+    from userip.profile.api import build_corpus
+    from userip.profile.pooled import _pool, pool_windows
+
+    corpus = build_corpus(data, llm.tokenizer, cfg)
+    cap = cfg.history_windows
+    windows = [w for u in user_idx for w in (corpus.train[u][-cap:] if cap else corpus.train[u])]
+    pool_windows(llm, windows[:32])  # warm-up, both kernels
+    _pool(llm, windows[:32], cfg.pool, cfg.pool_batch, False, None)
+    runs = {"eager_last": lambda: _pool(llm, windows, cfg.pool, cfg.pool_batch, False, None)}
+    for layer in layers:
+        runs[f"sdpa_{f'block{layer}' if layer else 'last'}"] = \
+            lambda layer=layer: pool_windows(llm, windows, cfg.pool, cfg.pool_batch, layer=layer)
+    out: dict[str, float] = {"windows": len(windows), "tokens": sum(len(w) + 1 for w in windows)}
+    for name, run in runs.items():
+        t0 = time.perf_counter()
+        run()
+        out[name] = (time.perf_counter() - t0) * 1000 / len(user_idx)
+        log(f"pooling {name}: {out[name]:.0f} ms/user")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profiles")
@@ -75,6 +102,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out")
+    p.add_argument("--pool-layers", default="",
+                   help="comma list of decoder blocks (0 = the last) whose pooling cost to time side by side")
     a = p.parse_args()
 
     from sklearn.metrics import cohen_kappa_score
@@ -134,6 +163,9 @@ def main() -> None:
     extra = {}
     if cfg.inference == "amortised":
         extra = one_more_item_seconds(llm, cfg, data, int(pick["user_idx"].iloc[0]))
+    if a.pool_layers:
+        extra["pooling_ms_per_user"] = pooling_cost(llm, cfg, data, pick["user_idx"].astype(int).tolist(),
+                                                    [int(x) for x in a.pool_layers.split(",")])
     res = {
         "name": NAME,
         "config": vars(a),
@@ -145,6 +177,7 @@ def main() -> None:
         "ms_per_user": full.attrs["seconds_per_user"] * 1000,
         "ms_per_user_half_history": half.attrs["seconds_per_user"] * 1000,
         "history_windows": cfg.history_windows,
+        "pool_layer": cfg.pool_layer,
         "stability_first_half": stability,
         **extra,
     }

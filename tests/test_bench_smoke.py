@@ -39,6 +39,7 @@ def smoke_runs(tmp_path_factory):
         out = d / f"{script}.json"
         cmd = [sys.executable, str(BENCH / f"{script}.py"), "--smoke", "--out", str(out)]
         cmd += ["--threads", "1"] if script in THREADED else []
+        cmd += ["--pool-layers", "0,1"] if script == "profile_infer" else []
         with open(d / f"{script}.stdout", "w") as so, open(d / f"{script}.stderr", "w") as se:
             # files, not pipes: a child blocked on a full pipe while another is waited on would hang
             procs[script] = (out, subprocess.Popen(cmd, stdout=so, stderr=se, cwd=BENCH.parent, env=env))
@@ -86,3 +87,6 @@ def test_bench_smoke(script, smoke_runs):
         q = res["variants"]["quick"]
         assert q["exit_code"] == 0 and q["stages"]
         assert all(s["wall_s"] >= 0 and s["peak_rss_mb"] > 0 for s in q["stages"].values())
+    elif script == "profile_infer":
+        pc = res["pooling_ms_per_user"]
+        assert pc["windows"] > 0 and all(pc[k] > 0 for k in ("eager_last", "sdpa_last", "sdpa_block1"))
