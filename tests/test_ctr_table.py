@@ -33,7 +33,9 @@ def test_variant_names_twins_references_and_controls():
     assert V.controls_for("+ids-permuted", run) == ["base"] and V.controls_for("+activity", run) == ["base"]
     assert V.controls_for("base", run) == []
     lists = V.variant_lists(["+ids", "+theta", "+text-ids", "+hist-ids"])
-    assert lists["default"] == [*run, "+hist-ids", "+hist-ids-permuted"]  # hist: the competitor by default
+    assert lists["default"] == [*run, "+hist-ids", "+hist-ids-permuted"]  # hist-ids: the first built competitor
+    both = V.variant_lists(["+ids", "+hist-ids", "+hist-dense", "+content-ids"])
+    assert both["default"][-2:] == ["+hist-dense", "+hist-dense-permuted"]  # the strongest measured one first
     assert {"+theta-permuted", "+text-ids-permuted", "+ids-permuted+label-rate"} <= set(lists["all"])
     assert all(V.twin(v) in lists["all"] for v in lists["all"] if V.role(v) == "source")  # every source: twin
 

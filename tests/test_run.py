@@ -45,7 +45,7 @@ def test_run_quick_end_to_end_and_resume(run_config, tmp_path):
     runs = pd.DataFrame(json.loads((out / "ctr" / "results.json").read_text())["runs"])
     # the default table: the headline variants, with the LLM-history competitor and its twin
     assert set(runs["variant"]) == {"base", "+ids", "+ids-permuted", "+activity", "+label-rate", "+ids+label-rate",
-                                    "+hist-ids", "+hist-ids-permuted"}
+                                    "+hist-dense", "+hist-dense-permuted"}
     # only the baseline the default table reads is built (the others cost minutes and are one flag away)
     assert (out / "baselines" / "history" / "profile_ids.parquet").exists()
     for name in ("text-profile", "content-kmeans"):

@@ -28,7 +28,7 @@ def ctr_train(
         "or a comma list such as base,+ids,+ids-permuted,+theta,+theta-permuted."
     ),
     competitor: str | None = typer.Option(
-        None, "--competitor", help="The baseline in the default table (default: +hist-ids when built)."
+        None, "--competitor", help="The baseline in the default table (default: +hist-dense when built)."
     ),
     settings: str | None = typer.Option(None, "--settings", help="with_user_id, no_user_id or both (default)."),
     max_epochs: int | None = typer.Option(None, "--max-epochs"),

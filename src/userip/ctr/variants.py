@@ -24,8 +24,10 @@ BASE = "base"
 PERMUTED = "-permuted"
 CONTROL_PARTS = ("activity", "label-rate")
 CONTROLS = (BASE, "+activity", "+label-rate")  # what every source must beat, besides its own twin
-# the competitor shown in the default table: the first of these that was built
-COMPETITORS = ("+hist-ids", "+hist-dense", "+text-ids", "+content-ids", "+text-dense")
+# the competitor shown in the default table: the first of these that was built. The LLM's pooled history state
+# first: in the full ML-100K table (943 users, 5 backbones, 5 seeds) it is the only source that beats every
+# control on 4 of 5 backbones without user_id (+0.011..+0.017 AUC over its permuted twin)
+COMPETITORS = ("+hist-dense", "+hist-ids", "+content-ids", "+text-ids", "+text-dense")
 VARIANT_LISTS = ("default", "all")  # named lists; any "+part" combination of built sources also works
 _PART = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
