@@ -11,8 +11,8 @@
    it removed), vs their fitted IDs: agreement and Cohen's kappa per profile (with a 95% bootstrap interval
    over the users), and the codes in use. A fitted user is read by their own cross-fitting fold's map, so
    ``same_as_full_history`` (the full history re-inferred) is 1.0 up to bf16 batch effects.
-4. ``--pool-layers 0,12``: the pooling alone, ms per user, side by side in one run: the last layer with eager
-   attention (as pooling ran before), and each listed decoder block with SDPA (``profile.pool_layer``).
+4. ``--pool-layers 0,12``: the pooling alone, ms per user, side by side in one run: each listed decoder block
+   (0 = the last; ``profile.pool_layer``), and the last layer with SDPA attention for reference.
 """
 
 from __future__ import annotations
@@ -70,21 +70,29 @@ def one_more_item_seconds(llm, cfg, data, user: int, reps: int = 5) -> dict[str,
 
 
 def pooling_cost(llm, cfg, data, user_idx: list[int], layers: list[int]) -> dict[str, float]:
-    """Milliseconds per user of pooling these users' train windows (as the fit reads them), side by side: the
-    last layer with eager attention (how pooling ran before), then each of ``layers`` (0 = the last) with SDPA
-    (how it runs now). Cost only: whether a middle layer's profiles are as good needs a fit with it."""
+    """Milliseconds per user of pooling these users' train windows (as the fit reads them), side by side in one
+    run: each of ``layers`` (0 = the last; ``profile.pool_layer``) as pooling runs (eager attention), and the
+    last layer with SDPA for reference (slower here with the padding mask, so not used). Cost only: whether a
+    middle layer's profiles are as good needs a fit with it."""
     from userip.profile.api import build_corpus
-    from userip.profile.pooled import _pool, pool_windows
+    from userip.profile.pooled import pool_windows
 
     corpus = build_corpus(data, llm.tokenizer, cfg)
     cap = cfg.history_windows
     windows = [w for u in user_idx for w in (corpus.train[u][-cap:] if cap else corpus.train[u])]
-    pool_windows(llm, windows[:32])  # warm-up, both kernels
-    _pool(llm, windows[:32], cfg.pool, cfg.pool_batch, False, None)
-    runs = {"eager_last": lambda: _pool(llm, windows, cfg.pool, cfg.pool_batch, False, None)}
-    for layer in layers:
-        runs[f"sdpa_{f'block{layer}' if layer else 'last'}"] = \
-            lambda layer=layer: pool_windows(llm, windows, cfg.pool, cfg.pool_batch, layer=layer)
+
+    def sdpa_last() -> None:
+        before = llm.model.config._attn_implementation
+        llm.model.set_attn_implementation("sdpa")
+        try:
+            pool_windows(llm, windows, cfg.pool, cfg.pool_batch)
+        finally:
+            llm.model.set_attn_implementation(before)
+
+    pool_windows(llm, windows[:32])  # warm-up
+    runs = {f"{f'block{layer}' if layer else 'last'}": (lambda layer=layer: pool_windows(
+        llm, windows, cfg.pool, cfg.pool_batch, layer=layer)) for layer in layers}
+    runs["sdpa_last"] = sdpa_last
     out: dict[str, float] = {"windows": len(windows), "tokens": sum(len(w) + 1 for w in windows)}
     for name, run in runs.items():
         t0 = time.perf_counter()

@@ -39,8 +39,7 @@ def model_key(llm, pool: str, layer: int = 0) -> str:
     """Identity of the LLM (name, size, a checksum of its input embeddings), the pooling and the layer."""
     emb = llm.input_embeddings().weight
     probe = emb.detach().flatten()[:4096].float().double().sum().item()
-    raw = (f"{llm.name}|{emb.shape[0]}x{emb.shape[1]}|{probe:.10e}|{pool}|{POOL_ATTENTION}"
-           + (f"|layer{layer}" if layer else ""))
+    raw = f"{llm.name}|{emb.shape[0]}x{emb.shape[1]}|{probe:.10e}|{pool}" + (f"|layer{layer}" if layer else "")
     return hashlib.blake2b(raw.encode(), digest_size=8).hexdigest()
 
 
@@ -85,27 +84,10 @@ def pool_windows(llm, windows: list[list[int]], pool: str = "mean", batch_size: 
     tokens ``marks`` flags (a window with none falls back to the mean)."""
     if pool == "rating" and (marks is None or len(marks) != len(windows)):
         raise ValueError("pool 'rating' needs the rating-token marks of every window ('rated' behaviour text)")
-    with first_blocks(llm, layer), sdpa_attention(llm):
+    # eager attention, as the LLM is loaded on CPU: SDPA was slower here with the padding mask (536 vs 482 ms
+    # per user, 100 users' windows, 2-core EPYC; bench/profile_infer.py --pool-layers)
+    with first_blocks(llm, layer):
         return _pool(llm, windows, pool, batch_size, progress, marks)
-
-
-POOL_ATTENTION = "sdpa"  # part of the cache key: states pooled with another kernel differ in the last bits
-
-
-@contextmanager
-def sdpa_attention(llm) -> Iterator[None]:
-    """Pool with SDPA attention: the LLM is loaded with eager attention on CPU (its backward is faster there),
-    but a no-grad forward is faster with SDPA (measured: 1,300 vs 1,120 tokens/s, bf16, 2-core EPYC)."""
-    model = llm.model
-    before = model.config._attn_implementation
-    if before == POOL_ATTENTION:
-        yield
-        return
-    model.set_attn_implementation(POOL_ATTENTION)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
 
 
 def _pool(llm, windows: list[list[int]], pool: str, batch_size: int, progress: bool,
