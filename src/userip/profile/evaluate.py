@@ -256,11 +256,15 @@ def per_token(s: UserSums) -> dict[str, float]:
     return {k: float(v.sum() / t) for k, v in s.nll.items()}
 
 
+def scaled_own(a: float) -> str:
+    """The evaluation variant of own with the personal part scaled by ``a``: ``own`` at 1, else ``own_x{a}``."""
+    return "own" if a == 1.0 else f"own_x{a:g}"
+
+
 def pick_scale(heldout: dict[str, float], scales: list[float]) -> float:
-    """The personal-part scale (1 or one of ``scales``) whose ``own_x{a}`` has the lowest held-out NLL in
+    """The personal-part scale (1 or one of ``scales``) whose scaled own has the lowest held-out NLL in
     ``heldout`` (the selection half's per-token NLL per variant)."""
-    candidates = {1.0: "own", **{a: f"own_x{a:g}" for a in scales}}
-    return min(candidates, key=lambda a: heldout.get(candidates[a], np.inf))
+    return min([1.0, *scales], key=lambda a: heldout.get(scaled_own(a), np.inf))
 
 
 def summarise(s: UserSums, seed: int, n_boot: int, scales: list[float],
@@ -271,7 +275,7 @@ def summarise(s: UserSums, seed: int, n_boot: int, scales: list[float],
     sel, rep = s.subset(select), s.subset(report)
     sel_nll = per_token(sel)
     scale = pick_scale(sel_nll, scales)
-    best = "own" if scale == 1.0 else f"own_x{scale:g}"
+    best = scaled_own(scale)
     gaps = {
         "own_vs_mean": paired_gap(rep, "mean", "own", n_boot, seed),
         "own_vs_shuffled": paired_gap(rep, "shuffled", "own", n_boot, seed),

@@ -154,17 +154,19 @@ class Fitter(CodesMixin):
         """The scale an epoch's profiles would be published at: the selection half's choice (apply_scale)."""
         from userip.profile import evaluate as ev
 
-        if not (self.cfg.apply_scale and self.profiles.residual):
-            return 1.0
         sel = m.get("select", {}).get("heldout") or m.get("heldout")
-        return ev.pick_scale(sel, self.cfg.eval_scales) if sel else 1.0
+        if not (sel and self.cfg.apply_scale and self.profiles.residual):
+            return 1.0
+        return ev.pick_scale(sel, self.cfg.eval_scales)
 
     def _selection_score(self, m: dict[str, Any]) -> float:
+        """The epoch's held-out NLL on the selection half at the scale it would be published at."""
+        from userip.profile import evaluate as ev
+
         sel = m.get("select", {}).get("heldout") or m.get("heldout")
         if not sel:
             return m["train_nll"]  # no held-out users
-        a = self._published_scale(m)
-        return sel["own" if a == 1.0 else f"own_x{a:g}"]
+        return sel[ev.scaled_own(self._published_scale(m))]
 
     @torch.no_grad()
     def apply_personal_scale(self, a: float) -> None:
@@ -261,8 +263,10 @@ class Fitter(CodesMixin):
             "mean": (base + st.mu).expand_as(personal),
             "codeword": base + self.code_targets(users),
         }
+        from userip.profile.evaluate import scaled_own
+
         for a in self.cfg.eval_scales:
-            variants[f"own_x{a:g}"] = base + st.mu + a * (personal - st.mu)
+            variants[scaled_own(a)] = base + st.mu + a * (personal - st.mu)
         return variants
 
     def select_users(self) -> torch.Tensor:

@@ -51,11 +51,6 @@ def user_digest(windows: list[list[int]]) -> bytes:
     return h.digest()
 
 
-def n_layers(llm) -> int:
-    """How many decoder blocks the LLM's backbone runs."""
-    return len(llm.model.model.layers)
-
-
 @contextmanager
 def first_blocks(llm, layer: int) -> Iterator[None]:
     """Run only the backbone's first ``layer`` decoder blocks (0: all of them) inside the block. The forward's
