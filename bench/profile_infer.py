@@ -43,7 +43,9 @@ def first_half(data, user_idx: list[int]):
 
 
 def one_more_item_seconds(llm, cfg, data, user: int, reps: int = 5) -> dict[str, float]:
-    """Seconds of the encoder's pass over a user's last window, with and without one more rated item."""
+    """Seconds of the encoder's pass over a user's last window, with and without one more rated item, pooled
+    as the fit pools (``pool: rating`` timed as mean: the same forward). With ``pool: item`` an interaction is
+    read on its own, so folding one in costs a pass over that item alone (``item_alone``)."""
     import torch
 
     from userip.data import behaviour_windows
@@ -53,19 +55,23 @@ def one_more_item_seconds(llm, cfg, data, user: int, reps: int = 5) -> dict[str,
     wins = behaviour_windows(data, "train", max_items=cfg.max_items, mode=cfg.behaviour, title_year=cfg.title_year)
     text = wins[user][-1]
     shorter = "; ".join(text.split("; ")[:-1]) or text
+    pool = "mean" if cfg.pool == "rating" else cfg.pool
     out = {}
-    for name, t in (("window", shorter), ("window_plus_one", text)):
+    runs = [("window", shorter), ("window_plus_one", text)]
+    if pool == "item":
+        runs.append(("item_alone", text.split("; ")[-1]))
+    for name, t in runs:
         ids = encode_behaviour(llm.tokenizer, t, 10_000)
-        pool_windows(llm, [ids])  # warm-up
+        pool_windows(llm, [ids], pool, layer=cfg.pool_layer)  # warm-up
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
             with torch.no_grad():
-                pool_windows(llm, [ids])
+                pool_windows(llm, [ids], pool, layer=cfg.pool_layer)
             times.append(time.perf_counter() - t0)
         out[name] = float(np.median(times))
         out[name + "_tokens"] = len(ids)
-    out["one_more_item_s"] = out["window_plus_one"] - out["window"]
+    out["one_more_item_s"] = out["item_alone"] if pool == "item" else out["window_plus_one"] - out["window"]
     return out
 
 
@@ -186,6 +192,7 @@ def main() -> None:
         "ms_per_user_half_history": half.attrs["seconds_per_user"] * 1000,
         "history_windows": cfg.history_windows,
         "pool_layer": cfg.pool_layer,
+        "pool": cfg.pool,
         "stability_first_half": stability,
         **extra,
     }

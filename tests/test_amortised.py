@@ -345,6 +345,40 @@ def test_rating_pooling_reads_the_states_at_the_rating_tokens(llm, tmp_path):
         AmortisedFitter(llm, cfg(pool="rating"), plain, None, states=PooledStates(llm, "rating", cache=None))
 
 
+def test_item_pooling_reads_each_interaction_alone_and_each_distinct_one_once(llm, tmp_path, monkeypatch):
+    from userip.profile import pooled
+    from userip.profile.template import encode_behaviour
+
+    tok = llm.tokenizer
+    wins = [encode_behaviour(tok, "Toy Story: 5; Heat: 2; Jumanji: 4", 64),
+            encode_behaviour(tok, "Heat: 2; Casino: 1", 64), encode_behaviour(tok, "Toy Story: 5", 64)]
+    # each interaction tokenises as it would on its own
+    assert pooled.window_items(tok, wins[0]) == [encode_behaviour(tok, t, 64) for t in
+                                                 ("Toy Story: 5", "Heat: 2", "Jumanji: 4")]
+    read: list[list[int]] = []
+    orig = pooled._pool
+    monkeypatch.setattr(pooled, "_pool", lambda llm_, rows, *a: read.extend(rows) or orig(llm_, rows, *a))
+    got = pool_windows(llm, wins, "item")
+    assert sorted(map(tuple, read)) == sorted({tuple(encode_behaviour(tok, t, 64)) for t in
+                                               ("Toy Story: 5", "Heat: 2", "Jumanji: 4", "Casino: 1")})
+    monkeypatch.setattr(pooled, "_pool", orig)
+    # a window is the mean of its items' mean-pooled states, each read without its neighbours
+    alone = {t: pool_windows(llm, [encode_behaviour(tok, t, 64)])[0]
+             for t in ("Toy Story: 5", "Heat: 2", "Jumanji: 4", "Casino: 1")}
+    torch.testing.assert_close(got[0], (alone["Toy Story: 5"] + alone["Heat: 2"] + alone["Jumanji: 4"]) / 3,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], (alone["Heat: 2"] + alone["Casino: 1"]) / 2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[2], alone["Toy Story: 5"], atol=1e-4, rtol=1e-4)
+    # in context the same window reads differently: what item pooling gives up
+    assert not torch.allclose(got[0], pool_windows(llm, wins[:1])[0], atol=1e-3)
+    # the fitter takes it as a pooling like any other, cached under its own key
+    corpus = planted(tok, n_users=8)
+    f = AmortisedFitter(llm, cfg(pool="item"), corpus, None,
+                        states=PooledStates(llm, "item", cache=tmp_path / "i.safetensors"))
+    torch.testing.assert_close(f.states[1], pool_windows(llm, corpus.train[1], "item"), atol=1e-5, rtol=1e-5)
+    assert pooled.model_key(llm, "item") != pooled.model_key(llm, "mean")
+
+
 def test_rating_weight_counts_the_rating_tokens_that_many_times(llm, tmp_path):
     corpus = planted(llm.tokenizer, n_users=4)
     states = PooledStates(llm, cache=tmp_path / "w.safetensors")

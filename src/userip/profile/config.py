@@ -83,7 +83,9 @@ class ProfileConfig:
     pca: int = 0
     lr_map: float = 1e-3
     target: str = "loo"  # loo: a window the encoder did not read | forecast: the next window from earlier ones
-    pool: str = "mean"  # per-window pooling of the LLM's last hidden state: mean | last (token) | rating (tokens)
+    # per-window pooling of the LLM's last hidden state: mean | last (token) | rating (tokens) | item (each
+    # interaction read on its own, a window the mean of its items: ~1/17 of the tokens; userip.profile.pooled)
+    pool: str = "mean"
     # amortised: weight of the rating tokens in the training loss ('rated' text; 1 = every token alike). The
     # in-context ceiling's personal gain is almost all on rating tokens, while title tokens dominate the loss
     rating_weight: float = 1.0
@@ -140,7 +142,7 @@ class ProfileConfig:
         choices = {"mode": ("em", "joint"), "table": ("residual", "plain"), "init": ("text", "uniform"),
                    "mask": ("profile", "causal"), "behaviour": ("sequence", "rated", "review"),
                    "title_year": ("keep", "drop"), "inference": INFERENCE_MODES, "target": ("loo", "forecast"),
-                   "pool": ("mean", "last", "rating"), "eval_each_epoch": ("select", "full")}
+                   "pool": ("mean", "last", "rating", "item"), "eval_each_epoch": ("select", "full")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UseripError(f"config.{key}: '{getattr(self, key)}' is not one of {', '.join(allowed)}")

@@ -7,11 +7,19 @@ predict the next token.
 One no-grad forward per window (``[BOS] + window tokens``, no prompt), pooled by the mean over the window's
 tokens, at its last token, or by the mean over its rating tokens (``rating``: 'rated' text, where the state
 after reading "Title: 4" holds the reaction; mean-pooled states are dominated by which titles were watched,
-so a user's rating habit sits in a direction a low-rank map finds slowly). The amortised profile encoder
-reads these; the CTR history baselines reuse them (one module owns them). Computing them is the expensive
-part, so they are cached on disk, content-addressed: a user's entry is keyed by a digest of the LLM's
-identity, the pooling, and the user's window token ids, so a change of data, text rendering or model
-recomputes exactly the users it touches, and nothing stale is read.
+so a user's rating habit sits in a direction a low-rank map finds slowly).
+
+The amortised profile encoder reads these; the CTR history baselines reuse them (one module owns them).
+Computing them is the expensive part, so they are cached on disk, content-addressed: a user's entry is keyed
+by a digest of the LLM's identity, the pooling, and the user's window token ids, so a change of data, text
+rendering or model recomputes exactly the users it touches, and nothing stale is read.
+
+``item``: each interaction of a window ("Title: 4") is read on its own, without the items around it, and a
+window's state is the mean over its items of their mean-pooled states. An interaction's state is then the
+same for every user who had it, so each distinct one is read once per call however many users share it: on
+ML-100K the 80.8k train interactions are 6.2k distinct (title, rating) pairs of ~7 tokens, a seventeenth of
+the tokens the windows take, and a batch of new users costs a forward over only the distinct interactions in
+it. What is lost is what an item's state takes from its neighbours in the window.
 """
 
 from __future__ import annotations
@@ -27,10 +35,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from userip.data.text import SEP
 from userip.errors import UseripError
 from userip.io import atomic_path
 from userip.paths import cache_dir
-from userip.profile.template import make_batch
+from userip.profile.template import encode_behaviour, make_batch
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +85,40 @@ def pool_windows(llm, windows: list[list[int]], pool: str = "mean", batch_size: 
                  progress: bool = False, marks: list[list[bool]] | None = None, layer: int = 0) -> torch.Tensor:
     """[N, H] fp32 pooled hidden states of ``windows`` (token id lists), batched by length: the last layer's,
     or block ``layer``'s (through the final norm; later blocks are not run). ``pool: rating`` averages over the
-    tokens ``marks`` flags (a window with none falls back to the mean)."""
+    tokens ``marks`` flags (a window with none falls back to the mean); ``pool: item`` reads each of a window's
+    interactions on its own (see the module docstring)."""
     if pool == "rating" and (marks is None or len(marks) != len(windows)):
         raise ValueError("pool 'rating' needs the rating-token marks of every window ('rated' behaviour text)")
+    if pool == "item":
+        return _pool_items(llm, windows, batch_size, progress, layer)
     # eager attention, as the LLM is loaded on CPU: SDPA was slower here with the padding mask (536 vs 482 ms
     # per user, 100 users' windows, 2-core EPYC; bench/profile_infer.py --pool-layers)
     with first_blocks(llm, layer):
         return _pool(llm, windows, pool, batch_size, progress, marks)
+
+
+def window_items(tokenizer, window: list[int]) -> list[list[int]]:
+    """The token ids of each interaction of a behaviour window, as each tokenises on its own (the window's
+    text split at the item separator); the whole window when it does not split."""
+    pieces = [p for p in tokenizer.decode(window).split(SEP.strip()) if p.strip()]
+    items = [encode_behaviour(tokenizer, p, len(window)) for p in pieces]
+    return [t for t in items if t] or [list(window)]
+
+
+def _pool_items(llm, windows: list[list[int]], batch_size: int, progress: bool, layer: int) -> torch.Tensor:
+    """``pool: item``: every distinct interaction read once, on its own; a window is the mean of its items."""
+    items = [window_items(llm.tokenizer, w) for w in windows]
+    index: dict[tuple[int, ...], int] = {}
+    for ws in items:
+        for t in ws:
+            index.setdefault(tuple(t), len(index))
+    # an item is ~6 tokens, a window ~90: more rows per forward for the same work per batch
+    with first_blocks(llm, layer):
+        states = _pool(llm, [list(t) for t in index], "mean", batch_size * 8, progress, None)
+    out = torch.zeros(len(windows), llm.hidden_size)
+    for i, ws in enumerate(items):
+        out[i] = states[[index[tuple(t)] for t in ws]].mean(0)
+    return out
 
 
 def _pool(llm, windows: list[list[int]], pool: str, batch_size: int, progress: bool,
