@@ -16,7 +16,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 # script -> keys that must be present and > 0 in its JSON
 EXPECTED = {
-    "em_step": ["naive_step_s", "step_s", "speedup_vs_naive", "tokens_per_s", "fraction_of_bf16_peak",
+    "em_step": ["naive_step_s", "step_s", "speedup_vs_naive", "naive_bf16_step_s", "speedup_vs_naive_bf16",
+                "tokens_per_s", "fraction_of_bf16_peak",
                 "fraction_of_fp32_peak", "bf16_peak_tflops", "fp32_peak_tflops"],
     "online": ["lookup_p50_us", "lookup_p99_us", "lookup_p99_us_per_user_batch512", "lookup_users_per_s_batch1",
                "lookup_users_per_s_batch512", "llm_median_s_per_user", "ratio_llm_vs_lookup"],
@@ -74,6 +75,10 @@ def test_bench_smoke(script, smoke_runs):
     if script == "em_step":
         assert {"cpu", "cores_logical", "torch", "threads"} <= set(res["machine"])
         assert res["flops_per_step"]["total"] > 0 and len(res["times_s"]["ours"]) >= 1
+        assert len(res["times_s"]["naive_bf16"]) == len(res["times_s"]["naive"]) >= 1
+        assert res["config"]["naive_bf16_dtype"] == "torch.bfloat16"
+        nll = res["nll_per_token_last"]  # the bf16 loop computes the same loss as the fp32 one, up to rounding
+        assert abs(nll["naive_bf16"] - nll["naive"]) < 0.1 * nll["naive"]
     elif script == "online":
         b = res["bytes_per_user"]
         assert b["ids"] > 0 and b["theta_fp32"] > b["ids"] and b["text_mean_utf8"] >= 0
