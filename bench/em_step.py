@@ -15,7 +15,7 @@ Naive: the reference code's way: an fp32 copy of the model, ``model(inputs_embed
 Naive bf16: the same loop on a bf16 copy of the model (the table and Adam stay fp32, the prompt is cast to
        bf16 on its way in), so the speed-up from our kernels is reported apart from the speed-up of the dtype.
 
-Both run the same users and windows, interleaved in the same process (warm-up first, then alternating order),
+All run the same users and windows, interleaved in the same process (warm-up first, then each first in turn),
 and the median of ``--steps`` timed steps is reported. Achieved FLOP/s uses the useful FLOPs of the step
 (formula in _common.FLOP_FORMULA, also written to the JSON), against the bf16 and fp32 peak of one large
 matmul measured in the same run.
@@ -157,7 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny random model and sizes: runs in seconds")
     p.add_argument("--out", help=f"result JSON (default bench/results/{NAME}.json)")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 for ours, fp32 for naive)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 for ours, fp32 and bf16 naive)")
     p.add_argument("--data", help="prepared data dir (default /tmp/d100k if present, else ML-100K, else synthetic)")
     p.add_argument("--batch", type=int, default=None, help="users per step (default 32; 4 with --smoke)")
     p.add_argument("--tokens", type=int, default=None, help="behaviour tokens per row (max_tokens; default 110)")
@@ -204,8 +204,6 @@ def main(argv=None) -> int:
     users, rows = pick_rows(corpus, a.batch)
     fitter = ProfileFitter(ours_llm, cfg, corpus)
     fitter.m_step(torch.Generator().manual_seed(0), iters=cfg.kmeans_iters)  # code targets -> full EM prior
-    naive = None if a.no_naive else NaiveStep(naive_llm, cfg, corpus.n_users, a.device)
-    naive_bf16 = None if a.no_naive else NaiveStep(naive_bf16_llm, cfg, corpus.n_users, a.device)
     P = fitter.scorer.layout.prefix_len
     seq_lens = [P + len(r) for r in rows]
     targets = [len(r) for r in rows]
@@ -221,20 +219,22 @@ def main(argv=None) -> int:
         sync()
         return time.perf_counter() - t0, s, n
 
-    def naive_runner(step: NaiveStep | None):
+    def naive_runner(step: NaiveStep):
         def run() -> tuple[float, float, float]:
-            assert step is not None
             t0 = time.perf_counter()
             s, n = step.step(users, rows)
             sync()
             return time.perf_counter() - t0, s, n
         return run
 
-    runners = {"ours": run_ours, "naive": naive_runner(naive), "naive_bf16": naive_runner(naive_bf16)}
+    runners = {"ours": run_ours}
+    if not a.no_naive:
+        runners["naive"] = naive_runner(NaiveStep(naive_llm, cfg, corpus.n_users, a.device))
+        runners["naive_bf16"] = naive_runner(NaiveStep(naive_bf16_llm, cfg, corpus.n_users, a.device))
     times: dict[str, list[float]] = {"ours": [], "naive": [], "naive_bf16": []}
     nll: dict[str, float] = {}
     setup_s = time.perf_counter() - t_setup
-    methods = ["ours"] if naive is None else ["naive", "naive_bf16", "ours"]
+    methods = list(runners)
     for i in range(a.warmup + a.steps):
         order = methods[i % len(methods):] + methods[: i % len(methods)]  # each method first in turn
         for which in order:
