@@ -99,6 +99,10 @@ def profile_infer(
     data: Path = typer.Option(..., "--data", help="Prepared data holding the new users' behaviour."),
     users: list[str] = typer.Option(..., "--users", help="Dataset user ids (repeat --users, or space-separate)."),
     bank: str | None = typer.Option(None, "--bank", help="Upsert the IDs into this feature bank."),
+    encoder: str = typer.Option(
+        "auto", "--encoder",
+        help="amortised fits: llm (read the history windows, as the fit did) | student (each interaction on its "
+             "own, through the fit's distilled student) | auto (the student where the fit has one)."),
 ) -> None:
     """IDs for new users without retraining: LLM, shared prompt and codebooks stay frozen."""
     from rich.table import Table
@@ -106,7 +110,7 @@ def profile_infer(
     from userip.profile import infer_profiles
 
     ids = [u for arg in users for u in arg.split()]
-    out = infer_profiles(run, data, ids, bank=bank)
+    out = infer_profiles(run, data, ids, bank=bank, encoder=encoder)
     t = Table(title=f"inferred profiles ({out.attrs['seconds_per_user']:.2f} s per user)")
     for c in out.columns:
         t.add_column(c, justify="right")
@@ -115,6 +119,22 @@ def profile_infer(
     console.print(t)
     if bank:
         console.print(f"upserted {len(out)} users into {bank}")
+
+
+@profile_app.command("distil")
+@_friendly
+def profile_distil(
+    profiles: Path = typer.Option(..., "--profiles", help="A fitted amortised PROFILES directory."),
+    data: Path = typer.Option(..., "--data", help="The prepared data it was fitted on."),
+) -> None:
+    """Add the cheap new-user encoder (profile.student: item) to an amortised fit; fitted IDs do not change."""
+    from userip.profile import distil_profiles
+
+    m = distil_profiles(profiles, data)
+    agree = ", ".join(f"{k} kappa {v['kappa']:.2f} ({v['agreement']:.0%} same)"
+                      for k, v in m["oof_id_agreement"].items())
+    console.print(f"student: ridge alpha {m['alpha']:g} on {m['users']} users; its IDs vs the fitted ones on "
+                  f"users it did not see: {agree}")
 
 
 @profile_app.command("ids")

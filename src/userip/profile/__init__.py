@@ -1,6 +1,14 @@
 """Soft user profiles on a frozen causal LM (UserIP-Tuning): per-user EM or amortised inference."""
 
-from userip.profile.api import fit_profiles, id_counts, infer_profiles, load_config, read_ids
+from userip.profile.api import (
+    distil_profiles,
+    fit_profiles,
+    has_student,
+    id_counts,
+    infer_profiles,
+    load_config,
+    read_ids,
+)
 from userip.profile.config import DEFAULT_TEMPLATE, ProfileConfig, ProfileSpec
 from userip.profile.corpus import Corpus
 from userip.profile.em import ProfileFitter
@@ -8,5 +16,5 @@ from userip.profile.optim import RowAdam
 
 __all__ = [
     "DEFAULT_TEMPLATE", "Corpus", "ProfileConfig", "ProfileFitter", "ProfileSpec", "RowAdam",
-    "fit_profiles", "id_counts", "infer_profiles", "load_config", "read_ids",
+    "distil_profiles", "fit_profiles", "has_student", "id_counts", "infer_profiles", "load_config", "read_ids",
 ]

@@ -30,6 +30,7 @@ from userip.profile.corpus import Corpus
 from userip.profile.evaluate import marks_tensor
 from userip.profile.fitter import Fitter
 from userip.profile.pooled import PooledStates
+from userip.profile.student import HistoryStudent, ItemStates, fit_student, item_features
 from userip.profile.template import make_batch
 from userip.quantize import assign, prepare_for_codes
 
@@ -61,7 +62,7 @@ class AmortisedFitter(Fitter):
     recluster = True  # nothing trains against the codes: each M-step quantises that epoch's personal parts afresh
 
     def __init__(self, llm, cfg: ProfileConfig, corpus: Corpus, out_dir: Path | None = None,
-                 states: PooledStates | None = None, progress: bool = False) -> None:
+                 states: PooledStates | None = None, progress: bool = False, read_history: bool = True) -> None:
         super().__init__(llm, cfg, corpus, out_dir)
         if self.dist.world > 1:
             raise UseripError("inference 'amortised' runs in one process (the sharded fit is for 'em')")
@@ -74,13 +75,20 @@ class AmortisedFitter(Fitter):
             raise UseripError("profile.pool 'rating' and rating_weight need behaviour: rated (the text must hold "
                               "the ratings)")
         self.rating_marks = marks if cfg.rating_weight != 1.0 else None
-        self.states = self.pooled.get(self.windows, progress=progress, marks=marks)
+        self.marks = marks
+        # read_history False: a fitted encoder that only infers with its student never reads the windows with
+        # the LLM (the standardisation below is then the loaded fit's)
+        self.states = self.pooled.get(self.windows, progress=progress, marks=marks) if read_history else {}
         bos = int(llm.tokenizer.bos_token_id is not None)
         self.pool_tokens = sum(len(w) + bos for ws in self.windows.values() for w in ws)
         self.sums = {u: s.sum(0) for u, s in self.states.items()}
-        means = torch.stack([self.sums[u] / len(self.states[u]) for u in sorted(self.states)])
-        self.h_mean = means.mean(0)
-        self.h_std = means.std(0).clamp(min=1e-6) if len(means) > 1 else torch.ones_like(self.h_mean)
+        if self.states:
+            means = torch.stack([self.sums[u] / len(self.states[u]) for u in sorted(self.states)])
+            self.h_mean = means.mean(0)
+            self.h_std = means.std(0).clamp(min=1e-6) if len(means) > 1 else torch.ones_like(self.h_mean)
+        else:
+            means = torch.zeros(0, llm.hidden_size)
+            self.h_mean, self.h_std = torch.zeros(llm.hidden_size), torch.ones(llm.hidden_size)
         self.basis = self._pca_basis((means - self.h_mean) / self.h_std) if cfg.pca else None
         g = torch.Generator().manual_seed(cfg.seed + 5)
         # cross-fitting: K maps, map k trained on the users outside fold k, a user's profile read by the map of
@@ -96,6 +104,7 @@ class AmortisedFitter(Fitter):
                                      {"params": list(self.maps.parameters()), "lr": cfg.lr_map}])
         self.profiles.table.zero_()
         self.fitted_fold: torch.Tensor | None = None  # a loaded fit's fold per user_idx (load_fitted)
+        self.student: HistoryStudent | None = None  # the cheap encoder of new users (userip.profile.student)
 
     @property
     def map(self) -> HistoryMap:
@@ -214,13 +223,60 @@ class AmortisedFitter(Fitter):
         return sums, counts, (sums + w * msums) / (counts + w * mcounts.to(counts.device))
 
     @torch.no_grad()
-    def materialise(self, users: torch.Tensor) -> None:
+    def materialise(self, users: torch.Tensor, z: torch.Tensor | None = None) -> None:
         """Write ``users``' personal parts (their full history, read by their fold's map; fold -1: by the
-        average of the maps) into the residual table."""
+        average of the maps) into the residual table; ``z``: their encoder inputs, when not the pooled states'."""
         for s in range(0, len(users), 1024):
             chunk = users[s : s + 1024]
             maps = self.fold[chunk]
-            self.profiles.table[self.rows(chunk)] = self.personal(self.features(chunk.tolist()), maps)
+            zc = self.features(chunk.tolist()) if z is None else z[s : s + 1024]
+            self.profiles.table[self.rows(chunk)] = self.personal(zc, maps)
+
+    @torch.no_grad()
+    def codes_of(self, users: torch.Tensor) -> torch.Tensor:
+        """[B, m] 0-based codes of ``users``' personal parts as now in the table (nearest codeword)."""
+        st = self.state
+        personal = self.profiles.personal(self.rows(users))
+        out = torch.zeros(len(users), len(self.cfg.profiles), dtype=torch.long)
+        for k, p in enumerate(self.cfg.profiles):
+            x = prepare_for_codes(personal[:, k, : p.n_tokens].flatten(1), center=st.mu[k, : p.n_tokens].flatten())
+            out[:, k], _ = assign(x, st.codebooks[p.name])
+        return out
+
+    # ------------------------------------------------------------------ the student
+    def item_features(self, users: list[int], cache: bool = True, progress: bool = False) -> torch.Tensor:
+        """[B, H] the student's input for ``users``: their windows' interactions, each read on its own."""
+        states = ItemStates(self.llm, cache="default" if cache else None)
+        feats = item_features(self.llm, {u: self.windows.get(u, []) for u in users}, states, progress)
+        return torch.stack([feats[u] for u in users]) if users else torch.zeros(0, self.llm.hidden_size)
+
+    @torch.no_grad()
+    def fit_student(self, progress: bool = False) -> dict:
+        """Distil the encoder's input into the item-by-item student (``profile.student``) on the fitted users,
+        one student per cross-fitting fold as the maps; returns its metrics, with how often each user's IDs by
+        the student that never saw them equal their fitted IDs (Cohen's kappa)."""
+        from sklearn.metrics import cohen_kappa_score
+
+        users = sorted(self.states)
+        x = self.item_features(users, progress=progress)
+        z = torch.cat([self.features(users[s : s + 1024]) for s in range(0, len(users), 1024)])
+        latents = [B.detach() for m in self.maps for B in m.B]
+        groups = self.fold[torch.tensor(users)].clamp(min=0)
+        student, oof, metrics = fit_student(x, z, latents, groups, seed=self.cfg.seed)
+        ut = torch.tensor(users)
+        self.materialise(ut)
+        teacher = self.codes_of(ut)
+        self.materialise(ut, oof)
+        pupil = self.codes_of(ut)
+        self.materialise(ut)  # the table holds the fitted encoder's parts again
+        metrics["oof_id_agreement"] = {}
+        for k, p in enumerate(self.cfg.profiles):
+            a, b = teacher[:, k].numpy(), pupil[:, k].numpy()
+            metrics["oof_id_agreement"][p.name] = {"agreement": float((a == b).mean()),
+                                                   "kappa": float(cohen_kappa_score(a, b))}
+        metrics["users"] = len(users)
+        self.student = student
+        return metrics
 
     @torch.no_grad()
     def scale_map(self, a: float) -> None:
@@ -268,6 +324,8 @@ class AmortisedFitter(Fitter):
 
     def output_tensors(self) -> dict[str, torch.Tensor]:
         out = {k: v.contiguous() for k, v in self.map_state().items()}
+        if self.student is not None:
+            out.update({k: v.contiguous() for k, v in self.student.to_tensors().items()})
         if len(self.maps) > 1:  # which map read each fitted user (by user_idx): a refresh reads them the same way
             out["fold"] = self.fold.clone()
         return out
@@ -279,20 +337,30 @@ class AmortisedFitter(Fitter):
         t = load_file(str(Path(profiles_dir) / "profiles.safetensors"))
         self.load_map_state(t)
         self.fitted_fold = t["fold"].clone() if "fold" in t else None
+        self.student = HistoryStudent.from_tensors(t)
 
     # ------------------------------------------------------------------ new users
     @torch.no_grad()
-    def infer(self, users: torch.Tensor, progress: bool = False, fitted_rows: torch.Tensor | None = None
-              ) -> torch.Tensor:
-        """Codes for ``users`` (rows of this corpus) from one no-grad pass over their history: no gradient step.
+    def infer(self, users: torch.Tensor, progress: bool = False, fitted_rows: torch.Tensor | None = None,
+              encoder: str = "auto", item_cache: bool = True) -> torch.Tensor:
+        """Codes for ``users`` (rows of this corpus) from their history, with no gradient step.
+
+        ``encoder``: ``llm`` reads the user's windows in one no-grad pass, as the fit read them; ``student``
+        reads each interaction on its own through the fit's distilled student (``profile.student``; cached
+        interactions cost nothing: ``item_cache``); ``auto``: the student where the fit has one.
 
         ``fitted_rows[i]``: user i's user_idx in the loaded fit (0: not in it). A fitted user is read by the map
-        of their cross-fitting fold, the function that gave their fitted IDs, so a refresh from the same history
-        reproduces them and one from a longer history moves them only as far as the history moved; a new user is
-        read by the average of the maps."""
+        of their cross-fitting fold, the function that gave their fitted IDs, so an ``llm`` refresh from the
+        same history reproduces them and one from a longer history moves them only as far as the history moved;
+        a new user is read by the average of the maps."""
         st = self.state
         if st.z is None or not st.codebooks:
             raise ValueError("infer needs a fitted model (codebooks)")
+        if encoder not in ("auto", "llm", "student"):
+            raise UseripError(f"encoder '{encoder}' is not one of auto, llm, student")
+        if encoder == "student" and self.student is None:
+            raise UseripError("encoder 'student': this fit has no student (fit with profile.student: item, or "
+                              "add one with `userip profile distil`)")
         users = torch.as_tensor(users, dtype=torch.long)
         folds = torch.full((len(users),), -1, dtype=torch.long)
         known = self.fitted_fold
@@ -301,10 +369,20 @@ class AmortisedFitter(Fitter):
             ok = (fitted_rows > 0) & (fitted_rows < len(known))
             folds[ok] = known[fitted_rows[ok]]
         self.fold[users] = folds
-        self.materialise(users)
-        personal = self.profiles.personal(self.rows(users))
-        for k, p in enumerate(self.cfg.profiles):
-            x = prepare_for_codes(personal[:, k, : p.n_tokens].flatten(1), center=st.mu[k, : p.n_tokens].flatten())
-            idx, _ = assign(x, st.codebooks[p.name])
-            st.z[users, k] = idx + 1
+        if self.student is not None and encoder != "llm":
+            x = self.item_features(users.tolist(), cache=item_cache, progress=progress)
+            self.materialise(users, self.student.predict(x, folds))
+        else:
+            self.read_states(users.tolist(), progress)
+            self.materialise(users)
+        st.z[users] = self.codes_of(users) + 1
         return st.z[users].clone()
+
+    def read_states(self, users: list[int], progress: bool = False) -> None:
+        """Pool the windows of ``users`` not read yet (a fitter built with read_history False)."""
+        todo = [u for u in users if u not in self.states]
+        if todo:
+            marks = {u: self.marks[u] for u in todo if u in self.marks} or None
+            got = self.pooled.get({u: self.windows[u] for u in todo}, progress=progress, marks=marks)
+            self.states.update(got)
+            self.sums.update({u: s.sum(0) for u, s in got.items()})

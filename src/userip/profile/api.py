@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from userip.errors import UseripError
-from userip.io import atomic_path, check_format, read_yaml, write_json, write_yaml
+from userip.io import atomic_path, check_format, read_json, read_yaml, write_json, write_yaml
 from userip.monitor import peak_rss_mb
 from userip.profile.config import ProfileConfig
 from userip.profile.corpus import Corpus
@@ -81,7 +81,7 @@ def lead_in(template: str) -> str:
 
 
 def make_fitter(llm, cfg: ProfileConfig, corpus: Corpus, out: Path | None, progress: bool = False,
-                pooled_cache: bool = True) -> Fitter:
+                pooled_cache: bool = True, read_history: bool = True) -> Fitter:
     """The fitter of ``cfg.inference``: per-user EM, the amortised history map, or the map refined by EM."""
     if cfg.inference in ("amortised", "hybrid"):
         from userip.profile.amortised import AmortisedFitter
@@ -91,7 +91,7 @@ def make_fitter(llm, cfg: ProfileConfig, corpus: Corpus, out: Path | None, progr
         states = PooledStates(llm, cfg.pool, cfg.pool_batch, cache="default" if pooled_cache else None,
                               layer=cfg.pool_layer)
         cls = HybridFitter if cfg.inference == "hybrid" else AmortisedFitter
-        return cls(llm, cfg, corpus, out, states=states, progress=progress)
+        return cls(llm, cfg, corpus, out, states=states, progress=progress, read_history=read_history)
     return ProfileFitter(llm, cfg, corpus, out)
 
 
@@ -128,6 +128,8 @@ def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2
         refit = align_to_previous(fitter, previous, data.user_ids(fitter.all_users.numpy()), llm.name)
         if state.final:  # code usage is listed per ID: recount it under the new labels
             state.final = {**state.final, **fitter.code_stats()}
+    # the new-user encoder, distilled from the final one (after any relabelling: it predicts inputs, not codes)
+    student = fitter.fit_student(progress=progress) if cfg.student != "none" else None
     metrics = {
         "epochs": state.metrics,
         "best_epoch": state.best_epoch,
@@ -142,6 +144,8 @@ def fit_profiles(data_dir: str | Path, out: str | Path, *, model: str = "smollm2
     }
     if refit is not None:
         metrics["refit"] = refit
+    if student is not None:
+        metrics["student"] = student
     write_outputs(out, fitter, data, cfg, llm.name, metrics)
     return metrics
 
@@ -188,12 +192,15 @@ def write_outputs(out: Path, fitter: Fitter, data, cfg: ProfileConfig, model_nam
 
 
 def infer_profiles(profiles_dir: str | Path, data_dir: str | Path | Any, user_ids: list[str], *, llm=None,
-                   bank: str | Path | None = None, progress: bool = True, pooled_cache: bool = True) -> pd.DataFrame:
+                   bank: str | Path | None = None, progress: bool = True, pooled_cache: bool = True,
+                   encoder: str = "auto") -> pd.DataFrame:
     """IDs for users not in the fit, with the LLM, shared prompt and codebooks frozen (no retraining).
 
     ``data_dir`` (a DATA dir or a loaded PreparedData) holds the users' behaviour (the fit's data or a newer
     export). Amortised fits read each user's train windows in one no-grad pass of the LLM (no gradient step;
-    ``pooled_cache=False`` recomputes states the cache already holds); EM fits fit each new user's residual with
+    ``pooled_cache=False`` recomputes states the cache already holds), or, with ``encoder`` auto or student and
+    a fit that has one, each interaction on its own through the distilled student (``userip.profile.student``:
+    interactions read before cost nothing unless ``pooled_cache=False``); EM fits fit each new user's residual with
     the training budget. With ``bank``, the IDs are upserted (an atomic rebuild: readers see the old bank or the
     new one). Returns user_id + one column per profile; ``attrs["seconds_per_user"]`` excludes the model load.
     """
@@ -228,14 +235,21 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path | Any, user_id
         rows.append(row)
     corpus = Corpus(train, {}, n_old + len(rows), np.zeros(n_old + len(rows) + 1, dtype=np.int64),
                     train_marks=marks)
-    fitter = make_fitter(llm, cfg, corpus, None, pooled_cache=pooled_cache)
-    fitter.load_fitted(profiles_dir)
     from userip.profile.amortised import AmortisedFitter
 
+    if encoder not in ("auto", "llm", "student"):
+        raise UseripError(f"encoder '{encoder}' is not one of auto, llm, student")
+    student = encoder != "llm" and has_student(profiles_dir)
+    if encoder == "student" and not student:
+        raise UseripError(f"{profiles_dir}: encoder 'student', but this fit has no student (fit with "
+                          "profile.student: item, or add one with `userip profile distil`)")
+    fitter = make_fitter(llm, cfg, corpus, None, pooled_cache=pooled_cache, read_history=not student)
+    fitter.load_fitted(profiles_dir)
     if isinstance(fitter, AmortisedFitter):  # a fitted user is read as the fit read them (their fold's map)
         known = dict(zip(fitted["user_id"].astype(str), fitted["user_idx"].astype(int), strict=True))
         fitted_rows = torch.tensor([known.get(str(u), 0) for u in user_ids])
-        z = fitter.infer(torch.tensor(rows), progress=progress, fitted_rows=fitted_rows)
+        z = fitter.infer(torch.tensor(rows), progress=progress, fitted_rows=fitted_rows, encoder=encoder,
+                         item_cache=pooled_cache)
     else:
         z = fitter.infer(torch.tensor(rows), progress=progress)
     out = pd.DataFrame({"user_id": [str(u) for u in user_ids]})
@@ -253,6 +267,60 @@ def infer_profiles(profiles_dir: str | Path, data_dir: str | Path | Any, user_id
             merged = pd.concat([keep, out[[c for c in table.columns if c in out.columns]]], ignore_index=True)
             b.build(merged, b.meta())
     return out
+
+
+def distil_profiles(profiles_dir: str | Path, data_dir: str | Path, *, llm=None, progress: bool = True
+                    ) -> dict[str, Any]:
+    """Add the distilled new-user encoder (``profile.student: item``) to an amortised fit that has none, or
+    replace it: the fit's encoder reads the fitted users' windows as in the fit (the pooled-state cache), the
+    student is fitted to it, and profiles.safetensors, metrics.json and config.yaml are rewritten atomically.
+    Fitted IDs, codebooks and the map do not change. Returns the student's metrics."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from userip.data import load_prepared
+    from userip.llm import load_llm
+    from userip.profile.amortised import AmortisedFitter
+
+    profiles_dir = Path(profiles_dir)
+    check_format(profiles_dir, "profiles")
+    conf = read_yaml(profiles_dir / "config.yaml")
+    cfg = ProfileConfig.from_dict(conf["profile"])
+    if cfg.inference != "amortised":
+        raise UseripError(f"{profiles_dir}: inference '{cfg.inference}'; a student distils an amortised fit")
+    cfg = cfg.replace(student="item")
+    data = load_prepared(data_dir)
+    if conf.get("data_fingerprint") and data.fingerprint != conf["data_fingerprint"]:
+        raise UseripError(f"{data_dir}: not the data {profiles_dir} was fitted on (data_fingerprint differs); "
+                          "the student must read the fitted users' histories")
+    llm = llm or load_llm(conf["model"], dtype=cfg.dtype, device=cfg.device)
+    fitter = make_fitter(llm, cfg, build_corpus(data, llm.tokenizer, cfg), None, progress=progress)
+    assert isinstance(fitter, AmortisedFitter)
+    fitter.load_fitted(profiles_dir)
+    if fitter.fitted_fold is not None and len(fitter.fitted_fold) == len(fitter.fold):
+        fitter.fold = fitter.fitted_fold.clone()
+    student = fitter.fit_student(progress=progress)
+    path = profiles_dir / "profiles.safetensors"
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("student.")}
+    tensors.update({k: v.contiguous() for k, v in fitter.student.to_tensors().items()})
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    metrics = read_json(profiles_dir / "metrics.json")
+    metrics["student"] = student
+    write_json(profiles_dir / "metrics.json", metrics)
+    conf["profile"] = cfg.to_dict()
+    write_yaml(profiles_dir / "config.yaml", conf)
+    return student
+
+
+def has_student(profiles_dir: str | Path) -> bool:
+    """Whether a PROFILES dir holds a distilled new-user encoder (``profile.student``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(profiles_dir) / "profiles.safetensors"), "pt") as f:
+        return "student.coef" in set(f.keys())
 
 
 def read_ids(profiles_dir: str | Path) -> pd.DataFrame:

@@ -103,6 +103,9 @@ class ProfileConfig:
     # which decoder block's output is pooled: 0 = the last; N = block N (later blocks are not run: a new user's
     # cost falls with N)
     pool_layer: int = 0
+    # amortised: a cheap encoder for new users (userip.profile.student), distilled at the end of the fit: none |
+    # item (each interaction read on its own, cached by content; a ridge regression to the encoder's input)
+    student: str = "none"
     # evaluation / stopping
     eval_users: int = 0  # 0 = every user with validation windows
     eval_windows: int = 1  # held-out windows per evaluation user (the first ones of the validation period)
@@ -142,7 +145,8 @@ class ProfileConfig:
         choices = {"mode": ("em", "joint"), "table": ("residual", "plain"), "init": ("text", "uniform"),
                    "mask": ("profile", "causal"), "behaviour": ("sequence", "rated", "review"),
                    "title_year": ("keep", "drop"), "inference": INFERENCE_MODES, "target": ("loo", "forecast"),
-                   "pool": ("mean", "last", "rating", "item"), "eval_each_epoch": ("select", "full")}
+                   "pool": ("mean", "last", "rating", "item"), "eval_each_epoch": ("select", "full"),
+                   "student": ("none", "item")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UseripError(f"config.{key}: '{getattr(self, key)}' is not one of {', '.join(allowed)}")
@@ -164,6 +168,9 @@ class ProfileConfig:
         if self.inference in ("amortised", "hybrid") and (self.mode != "em" or self.table != "residual"):
             raise UseripError(f"config.inference: '{self.inference}' needs mode 'em' and table 'residual' (the map "
                               "gives the per-user residual)")
+        if self.student != "none" and self.inference != "amortised":
+            raise UseripError(f"config.student: '{self.student}' distils the amortised encoder; inference is "
+                              f"'{self.inference}' (use inference: amortised, or student: none)")
         if self.inference == "hybrid" and self.hybrid_map_epochs >= self.epochs:
             raise UseripError(f"config.hybrid_map_epochs: {self.hybrid_map_epochs} leaves no E-step epoch of "
                               f"epochs {self.epochs}; set it below epochs")

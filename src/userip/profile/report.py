@@ -55,6 +55,12 @@ def summary_table(metrics: dict[str, Any]) -> Group:
         c.add_row(name, " ".join(map(str, s["usage"])), f"{s['perplexity']:.2f}", str(s["dead"]),
                   f"{s['nmi_activity']:.3f}")
     parts.append(c)
+    st = metrics.get("student")
+    if st:  # the new-user encoder: how often its IDs equal the fitted ones on users it never saw
+        agree = ", ".join(f"{k} {v['agreement']:.0%} (kappa {v['kappa']:.2f})"
+                          for k, v in st["oof_id_agreement"].items())
+        parts.append(f"new-user student (ridge alpha {st['alpha']:g}, {st['students']} folds): its IDs equal the "
+                     f"fitted ones for {agree} of users it never saw")
     refit = metrics.get("refit")
     if refit:  # `--previous`: how many users kept their ID after the codes were relabelled to the old ones
         r = Table(title=f"refit of {refit['previous']}: IDs relabelled to keep the previous fit's")
