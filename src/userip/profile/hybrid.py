@@ -46,8 +46,8 @@ class HybridFitter(EStep, AmortisedFitter):
     """The amortised fit for ``hybrid_map_epochs`` epochs, then per-user E-steps anchored at its output."""
 
     def __init__(self, llm, cfg: ProfileConfig, corpus: Corpus, out_dir: Path | None = None,
-                 states: PooledStates | None = None, progress: bool = False) -> None:
-        super().__init__(llm, cfg, corpus, out_dir, states=states, progress=progress)
+                 states: PooledStates | None = None, progress: bool = False, read_history: bool = True) -> None:
+        super().__init__(llm, cfg, corpus, out_dir, states=states, progress=progress, read_history=read_history)
         self.phases = ("amortised", "e_step")
         self.user_opt = RowAdam(self.profiles.table, lr=cfg.lr_user)
         self.shared_opt = RowAdam(self.profiles.shared[None], lr=cfg.lr_shared)  # unused: the prompt is frozen
