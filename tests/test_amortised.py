@@ -190,6 +190,26 @@ def test_resume_after_interruption_gives_identical_ids(llm, tmp_path):
     assert torch.allclose(full.theta_table()[0], resumed.theta_table()[0])
 
 
+def test_a_checkpoint_from_before_a_new_setting_resumes_while_the_setting_holds_its_default(llm, tmp_path):
+    import json
+
+    corpus = planted(llm.tokenizer, n_users=16)
+    states = PooledStates(llm, cache=tmp_path / "c.safetensors")
+    AmortisedFitter(llm, cfg(epochs=3), corpus, tmp_path / "b", states=states).fit(epochs=1, progress=False)
+    last = tmp_path / "b" / "checkpoints" / "last.json"
+    meta = json.loads(last.read_text())
+    del meta["config"]["student"]  # written by a userip that had no such setting
+    last.write_text(json.dumps(meta))
+    st = AmortisedFitter(llm, cfg(epochs=2), corpus, tmp_path / "b", states=states).fit(progress=False)
+    assert [m["epoch"] for m in st.metrics] == [1, 2], "resumed after epoch 1"
+    meta = json.loads(last.read_text())
+    del meta["config"]["student"]
+    last.write_text(json.dumps(meta))
+    changed = AmortisedFitter(llm, cfg(epochs=2, student="item"), corpus, tmp_path / "b", states=states)
+    assert [m["epoch"] for m in changed.fit(progress=False).metrics] == [1, 2]
+    assert json.loads(last.read_text())["config"]["student"] == "item", "a non-default value started afresh"
+
+
 def _fit_and_reload(llm, tmp_path, conf: ProfileConfig, users: list[int]):
     """(the fit, a fresh fitter loaded from its written outputs over a corpus that holds ``users``' same train
     windows as new rows, those rows): the way ``profile infer`` sees a PROFILES dir."""

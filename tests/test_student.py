@@ -38,7 +38,7 @@ def test_item_states_are_each_interaction_read_alone_and_read_once(llm, tmp_path
     def boom(*a, **k):
         raise AssertionError("a cached interaction was read by the LLM again")
 
-    monkeypatch.setattr(student, "_pool", boom)
+    monkeypatch.setattr(student, "pool_windows", boom)
     again = item_features(llm, windows, ItemStates(llm, cache=path))  # a fresh instance: read from disk
     for u in windows:
         torch.testing.assert_close(again[u], feats[u])

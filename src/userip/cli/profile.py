@@ -86,8 +86,11 @@ def _claim_profiles(out: Path, overwrite: bool, nproc: int, config: Path | None,
             d = json.loads(json.dumps(d, default=str))
             return {k: v for k, v in d.items() if k not in ("epochs", "patience", "threads")}
 
-        now = load_config(config, **overrides).to_dict()
-        if comparable(meta.get("config") or {}) == comparable(now) and meta.get("world", 1) == nproc:
+        from userip.profile.checkpoint import comparable_config
+
+        saved = meta.get("config") or {}
+        now = comparable_config(load_config(config, **overrides), saved)
+        if comparable(saved) == comparable(now) and meta.get("world", 1) == nproc:
             return claim_output_dir(out, "profiles", overwrite=True, clear=False)  # continue, remove nothing
     return claim_output_dir(out, "profiles", overwrite=overwrite)
 

@@ -2,8 +2,9 @@
 
 Each rank writes its shard of the epoch (``epochNNNN.rankR-of-W.safetensors``: the fit's state, the best
 epoch's snapshot and the inference mode's optimiser state); then rank 0 commits the epoch by rewriting
-``last.json``. A checkpoint is resumed only when its config (less epochs/patience/threads) and process count
-match; otherwise the fit starts afresh and says so.
+``last.json``. A checkpoint is resumed only when its config (less epochs/patience/threads; settings added to
+userip after it was written count as their defaults) and process count match; otherwise the fit starts afresh
+and says so.
 """
 
 from __future__ import annotations
@@ -19,6 +20,19 @@ log = logging.getLogger(__name__)
 
 # may change between a run and its continuation
 RESUMABLE_CHANGES = ("epochs", "patience", "threads")
+
+
+def comparable_config(cfg: Any, saved: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` as a dict to compare with a checkpoint's ``saved`` config: a key the checkpoint predates (a
+    setting added to userip since) is left out when it holds its default, which is what the old fit ran with."""
+    import dataclasses
+
+    now = cfg.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    for key in set(now) - set(saved):
+        if key in defaults and now[key] == defaults[key]:
+            now.pop(key)
+    return now
 
 
 def shard_name(fitter: Any, epoch: int) -> str:
@@ -59,7 +73,7 @@ def resume(fitter: Any) -> bool:
         return False
     meta = read_json(ck / "last.json")
     saved = dict(meta["config"])
-    now = fitter.cfg.to_dict()
+    now = comparable_config(fitter.cfg, saved)
     for key in RESUMABLE_CHANGES:
         saved.pop(key, None)
         now.pop(key, None)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from userip.errors import UseripError
 from userip.io import atomic_path
 from userip.paths import cache_dir
-from userip.profile.pooled import _pool, first_blocks, model_key, window_items
+from userip.profile.pooled import model_key, pool_windows, window_items
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
 
 class ItemStates:
     """The frozen LLM's mean-pooled state of interactions read on their own, cached on disk by content (the
-    LLM's identity and the item's token ids): an interaction's state is not personal, it is the same for every
-    user who had it."""
+    LLM's identity and the item's token ids). An interaction's state is not personal: it is the same for every
+    user who had it, and the cache holds no user id (so deleting a user has nothing to remove here)."""
 
     def __init__(self, llm, batch_size: int = 256, cache: Path | str | None = "default") -> None:
         self.llm, self.batch_size = llm, batch_size
@@ -73,8 +73,7 @@ class ItemStates:
         todo = {k: t for k, t in zip(keys, items, strict=True) if k not in mem}
         if todo:
             log.info("reading %d interactions on their own (%d cached)", len(todo), len(set(keys)) - len(todo))
-            with first_blocks(self.llm, 0):
-                states = _pool(self.llm, [list(t) for t in todo.values()], "mean", self.batch_size, progress, None)
+            states = pool_windows(self.llm, [list(t) for t in todo.values()], "mean", self.batch_size, progress)
             mem.update({k: states[i].clone() for i, k in enumerate(todo)})
             if self.path is not None:
                 order = sorted(mem)
