@@ -393,6 +393,33 @@ def test_train_ctr_reads_personal_tokens(fake_stages, learnable, tmp_path):
         train_ctr("DATA", "BANK", prof, out=tmp_path / "out", **kw)
 
 
+def test_a_killed_train_ctr_continues_even_when_told_to_overwrite(fake_stages, monkeypatch, tmp_path):
+    """`userip run` calls train_ctr with overwrite=True: a table killed in its second backbone must keep the first
+    one's finished fits (not clear them before they can be taken over); a finished table is still replaced."""
+    import userip.ctr.run as ctr_run
+    from userip.ctr import train_ctr
+
+    kw = dict(backbones="dcn,deepfm", seeds=1, out=tmp_path, settings="no_user_id", variants="base,+ids",
+              max_epochs=1, batch_size=512, progress=False, bootstrap=20, overwrite=True)
+    orig_fit = ctr_run.fit
+    _die_in_deepfm(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train_ctr("DATA", "BANK", **kw)
+    fitted: list[str] = []
+
+    def counting(model, *a, **k):
+        fitted.append(k["desc"].split()[0])
+        return orig_fit(model, *a, **k)
+
+    monkeypatch.setattr(ctr_run, "fit", counting)
+    df = train_ctr("DATA", "BANK", **kw)
+    assert fitted == ["deepfm", "deepfm"], "the finished dcn fits were taken over"
+    assert set(df["backbone"]) == {"dcn", "deepfm"}
+    fitted.clear()
+    train_ctr("DATA", "BANK", **kw)  # finished: overwrite replaces it, every fit again
+    assert sorted(set(fitted)) == ["dcn", "deepfm"] and len(fitted) == 4
+
+
 def test_cli_ctr_train(fake_stages, tmp_path):
     from typer.testing import CliRunner
 

@@ -185,9 +185,11 @@ def train_ctr(
     IDs only). ``+label-rate`` reads the train mean rating (train label rate for a 0/1 log).
 
     ``out`` must be new, empty or a CTR dir userip wrote; a finished one is replaced only with
-    ``overwrite=True`` (its results and models are removed first; other files are never touched)."""
+    ``overwrite=True`` (its results and models are removed first; other files are never touched). An unfinished
+    one (a killed table) is continued, with or without ``overwrite``: each backbone it finished on the same
+    inputs is taken over, the rest are fit."""
     from userip.data import ctr_examples, load_prepared
-    from userip.io import claim_output_dir
+    from userip.io import claim_output_dir, read_marker
 
     data = load_prepared(data_dir)
     data_fp = getattr(data, "fingerprint", None)
@@ -218,7 +220,11 @@ def train_ctr(
     }
     for b in V.as_list(backbones, "backbones"):  # a typo fails before --out is claimed
         get_backbone(b)
-    claimed = claim_output_dir(out, "ctr", overwrite=overwrite)  # inputs checked above; nothing trained yet
+    # an unfinished table (a killed run) is continued even when asked to overwrite (`userip run` does): its files
+    # stay, so run_ctr_table takes over each finished backbone whose inputs digest the same and refits the rest
+    marker = read_marker(out) if Path(out).is_dir() else None
+    unfinished = bool(marker) and marker.get("kind") == "ctr" and not marker.get("complete")
+    claimed = claim_output_dir(out, "ctr", overwrite=overwrite, clear=not unfinished)  # nothing trained yet
     df = run_ctr_table(train, val, test, ids=bank_ids.ids, id_sizes=bank_ids.sizes, activity=activity, theta=theta,
                        user_label_rate=rates, backbones=backbones, seeds=seeds, variants=variants, settings=settings,
                        out=out, profile_names=names, meta=meta, extra_ids=extra_ids, extra_dense=extra_dense,
