@@ -12,10 +12,7 @@ from userip.profile import ProfileConfig, distil_profiles, fit_profiles, has_stu
 from userip.profile.pooled import pool_windows, window_items
 from userip.profile.student import HistoryStudent, ItemStates, fit_student, item_features
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("USERIP_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("data_cache")  # every cache of these tests lives in tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +69,7 @@ def test_each_student_fits_only_the_users_outside_its_fold():
         fit_student(x, z, latents, torch.zeros(n, dtype=torch.long) + 1)
 
 
-def test_the_student_reads_new_users_without_pooling_their_windows(llm, tmp_path, monkeypatch):
+def test_distilling_moves_no_fitted_id_and_the_student_reads_users_close_to_the_encoder(llm, tmp_path):
     from test_amortised import _fit_and_reload
 
     users = list(range(1, 25))
@@ -88,7 +85,6 @@ def test_the_student_reads_new_users_without_pooling_their_windows(llm, tmp_path
     with pytest.raises(UseripError, match="no student"):
         inf.infer(torch.tensor(rows), encoder="student")
     inf.student = fit.student
-    monkeypatch.setattr(inf.pooled, "get", lambda *a, **k: pytest.fail("the student must not pool windows"))
     z = inf.infer(torch.tensor(rows), fitted_rows=torch.tensor(users), encoder="student")
     # the planted groups are read off single items: what the maps read of the student's z is closer to the
     # user's own encoder input than to their neighbour's (the other group), and most fitted IDs come back

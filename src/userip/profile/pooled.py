@@ -60,6 +60,11 @@ def user_digest(windows: list[list[int]]) -> bytes:
     return h.digest()
 
 
+def digest_tensor(keys: list[bytes]) -> torch.Tensor:
+    """[N, 16] uint8: 16-byte content digests as stored in a state cache file."""
+    return torch.tensor(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16).copy())
+
+
 @contextmanager
 def first_blocks(llm, layer: int) -> Iterator[None]:
     """Run only the backbone's first ``layer`` decoder blocks (0: all of them) inside the block. The forward's
@@ -186,7 +191,7 @@ class PooledStates:
             return
         keys = sorted(entries)
         tensors = {
-            "digests": torch.tensor(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16).copy()),
+            "digests": digest_tensor(keys),
             "counts": torch.tensor([len(entries[k]) for k in keys], dtype=torch.int64),
             "states": torch.cat([entries[k] for k in keys]).contiguous(),
         }

@@ -16,7 +16,6 @@ by ``profile infer`` only, and the fit's metrics say how often its IDs agree wit
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,10 @@ from safetensors.torch import load_file, save_file
 from userip.errors import UseripError
 from userip.io import atomic_path
 from userip.paths import cache_dir
-from userip.profile.pooled import model_key, pool_windows, window_items
+from userip.profile.pooled import digest_tensor, model_key, pool_windows, user_digest, window_items
 
 log = logging.getLogger(__name__)
 
-STUDENTS = ("none", "item")
 ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
 
 
@@ -48,10 +46,6 @@ class ItemStates:
             cache = cache_dir("items") / f"{self.key}.safetensors"
         self.path = Path(cache) if cache is not None else None
         self._mem: dict[bytes, torch.Tensor] | None = None
-
-    @staticmethod
-    def digest(tokens: tuple[int, ...]) -> bytes:
-        return hashlib.blake2b(np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
 
     def _load(self) -> dict[bytes, torch.Tensor]:
         if self._mem is not None:
@@ -69,7 +63,7 @@ class ItemStates:
     def get(self, items: list[tuple[int, ...]], progress: bool = False) -> torch.Tensor:
         """[N, H] fp32 states of ``items`` (token id tuples); reads (and caches) only the ones not seen before."""
         mem = self._load()
-        keys = [self.digest(t) for t in items]
+        keys = [user_digest([list(t)]) for t in items]  # an item keyed as a one-window history
         todo = {k: t for k, t in zip(keys, items, strict=True) if k not in mem}
         if todo:
             log.info("reading %d interactions on their own (%d cached)", len(todo), len(set(keys)) - len(todo))
@@ -77,9 +71,7 @@ class ItemStates:
             mem.update({k: states[i].clone() for i, k in enumerate(todo)})
             if self.path is not None:
                 order = sorted(mem)
-                tensors = {"digests": torch.tensor(np.frombuffer(b"".join(order), dtype=np.uint8)
-                                                   .reshape(len(order), 16).copy()),
-                           "states": torch.stack([mem[k] for k in order]).contiguous()}
+                tensors = {"digests": digest_tensor(order), "states": torch.stack([mem[k] for k in order]).contiguous()}
                 with atomic_path(self.path) as tmp:
                     save_file(tensors, str(tmp), metadata={"key": self.key})
         if not items:
